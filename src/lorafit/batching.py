@@ -1,0 +1,53 @@
+"""Turning token ids into padded batches: length-aware batching for training, sorted batches for inference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Rows are sorted by length inside windows of this many batches; the batch order is then shuffled.
+# Large enough that batches are nearly uniform in length, small enough that training stays random.
+BUCKET_BATCHES = 32
+
+
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, bucketing: bool = True
+) -> list[np.ndarray]:
+    """The training batches (lists of row indices) of one epoch; deterministic in (seed, epoch).
+
+    Without bucketing: a plain shuffle cut into batches. With bucketing: shuffle, sort each window of
+    `BUCKET_BATCHES` batches by length, cut, and shuffle the batch order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if not bucketing:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    lengths = np.asarray(lengths)
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Inference batches: rows sorted by length (longest first), so each batch pads very little."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(
+    rows: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad `rows` to their longest (or to `pad_to`): `(input_ids, attention_mask)`, both batch × seq."""
+    width = max(pad_to or 0, max(len(r) for r in rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask

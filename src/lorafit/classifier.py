@@ -1,0 +1,259 @@
+"""A backbone + LoRA + a linear head = a text classifier; building it by name, saving and loading adapters.
+
+Backbones (GPT-2, BERT) expose `hidden_states(input_ids, attention_mask)`, `d_model` and `blocks`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
+from .errors import LorafitError
+from .lora import ParameterCount, apply_lora, count_parameters
+
+POOLINGS = ("last", "mean", "cls", "pooler")
+MINILM = "minilm-l6"
+MODEL_NAMES = (*GPT2_SIZES, MINILM)
+
+
+class SequenceClassifier(nn.Module):
+    """`backbone` → pool one vector per row → `Linear(d_model, num_classes)`.
+
+    Poolings: `last` (the last non-padding token; GPT-2's, and Hugging Face's GPT2ForSequenceClassification),
+    `mean` (over non-padding tokens; how sentence-transformers trained MiniLM), `cls` (the first token's
+    hidden state), `pooler` (BERT's dense+tanh pooler over [CLS], as BertForSequenceClassification).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pooling: str):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise LorafitError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if pooling == "pooler" and getattr(backbone, "pooler", None) is None:
+            raise LorafitError("--pooling pooler needs a BERT checkpoint with a pooler")
+        self.backbone = backbone
+        if getattr(backbone, "lm_head", None) is not None:
+            backbone.lm_head = None  # the classification head replaces the LM head, as in the lab
+        self.pooling = pooling
+        self.head = nn.Linear(backbone.d_model, num_classes)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last":
+            last = attention_mask.sum(dim=1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        return self.backbone.pool_cls(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.hidden_states(input_ids, attention_mask)
+        pooled = self.pool(hidden, attention_mask)
+        # Only the pooled rows go through the head, in fp32 (it is trainable and tiny).
+        return self.head(pooled.float())
+
+
+@dataclass
+class ModelSpec:
+    """Which backbone to build: everything `config.json` of a run needs to rebuild it."""
+
+    name: str  # gpt2 … gpt2-xl, minilm-l6, or a local directory
+    family: str  # "gpt2" or "bert"
+    weights: str  # "pretrained", "random", or a path
+    config: GPT2Config | BertConfig
+    tokenizer: str  # "gpt2" or the path of a tokenizer.json
+    weights_path: str | None = None  # the safetensors actually loaded (None for random)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "weights": self.weights,
+            "weights_path": self.weights_path,
+            "config": config_to_dict(self.config),
+            "tokenizer": self.tokenizer,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        config_class = GPT2Config if data["family"] == "gpt2" else BertConfig
+        return cls(
+            name=data["name"],
+            family=data["family"],
+            weights=data["weights"],
+            weights_path=data.get("weights_path"),
+            config=config_from_dict(config_class, data["config"]),
+            tokenizer=data["tokenizer"],
+        )
+
+
+def _read_hf_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise LorafitError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{file}: not valid JSON ({e})") from None
+
+
+def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:
+    """Resolve `--model` / `--weights` to a ModelSpec without loading any tensor (no download either,
+    except that `--weights pretrained` for a GPT-2 size downloads when the model is built)."""
+    from .models import bert, gpt2
+
+    if name in GPT2_SIZES:
+        config = gpt2.gpt2_config(name)
+        weights_path = None
+        if weights not in ("pretrained", "random"):
+            weights_path = str(gpt2.resolve_weights(weights))
+            config = gpt2.gpt2_config_for(Path(weights_path), name)
+        return ModelSpec(name, "gpt2", weights, config, "gpt2", weights_path)
+
+    if name == MINILM:
+        directory = bert.packaged_minilm_dir()
+    else:
+        directory = Path(name).expanduser()
+        if not directory.is_dir():
+            raise LorafitError(
+                f"--model {name}: not a known model ({', '.join(MODEL_NAMES)}) nor a local model directory"
+            )
+    hf_config = _read_hf_config(directory)
+    model_type = str(hf_config.get("model_type", "")).lower()
+    if model_type == "gpt2":
+        config = gpt2.config_from_hf(hf_config)
+        family, tokenizer = "gpt2", "gpt2"
+    elif model_type in ("bert", "roberta", "xlm-roberta") or "bert" in model_type:
+        config = bert.load_hf_bert_config(directory / "config.json")
+        family = "bert"
+        tokenizer = str(directory / "tokenizer.json")
+        if not Path(tokenizer).is_file():
+            raise LorafitError(f"{directory}: no tokenizer.json (lorafit reads BERT tokenizers from tokenizer.json)")
+    else:
+        raise LorafitError(f"{directory}/config.json: model_type {model_type!r} is not supported (gpt2 or bert)")
+
+    if weights == "random":
+        weights_path = None
+    elif weights == "pretrained":
+        weights_path = str(directory / "model.safetensors")
+        if not Path(weights_path).is_file():
+            raise LorafitError(f"{directory}: no model.safetensors")
+    else:
+        weights_path = str(Path(weights).expanduser())
+        if Path(weights_path).is_dir():
+            weights_path = str(Path(weights_path) / "model.safetensors")
+        if not Path(weights_path).is_file():
+            raise LorafitError(f"--weights {weights}: no such file")
+    return ModelSpec(name, family, weights, config, tokenizer, weights_path)
+
+
+def build_backbone(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
+    """Instantiate the backbone of `spec` and load its weights (random: GPT-2/BERT initialisation, seeded by
+    the caller's torch RNG). `device="meta"` builds the shapes only (for parameter counts)."""
+    from .models import bert, gpt2
+
+    if spec.family == "bert" and device != "meta" and spec.weights != "random":
+        return bert.Bert.from_pretrained(spec.weights_path).to(device)
+    with torch.device(device):
+        model = gpt2.GPT2(spec.config) if spec.family == "gpt2" else bert.Bert(spec.config)
+    if device == "meta" or spec.weights == "random":
+        return model
+    path = spec.weights_path or str(gpt2.resolve_weights(spec.name))
+    spec.weights_path = path
+    gpt2.load_gpt2_weights(model, path)
+    return model
+
+
+def build_tokenizer(spec: ModelSpec):
+    from .tokenizers import GPT2Tokenizer, HFTokenizer
+
+    return GPT2Tokenizer() if spec.tokenizer == "gpt2" else HFTokenizer(spec.tokenizer)
+
+
+def build_classifier(
+    spec: ModelSpec,
+    num_classes: int,
+    pooling: str,
+    lora: LoRAConfig | None,
+    *,
+    seed: int = 42,
+    device: str | torch.device = "cpu",
+) -> tuple[SequenceClassifier, ParameterCount]:
+    """Backbone (weights loaded) + LoRA (if `lora`; `None` means full fine-tuning) + a fresh head.
+
+    Seeds torch first, so random base weights, LoRA's A and the head are the same for the same seed
+    (which is how a run built on `--weights random` is rebuilt). Also returns the parameter count
+    before the head replaced the LM head (the lab's first report row).
+    """
+    torch.manual_seed(seed)
+    backbone = build_backbone(spec, device)
+    if lora is not None:
+        apply_lora(backbone, lora)
+    before_head = count_parameters(backbone)
+    with torch.device(device):
+        model = SequenceClassifier(backbone, num_classes, pooling)
+    return model, before_head
+
+
+def parameter_report(spec: ModelSpec, lora: LoRAConfig | None, num_classes: int = 2) -> dict[str, dict]:
+    """Trainable / total parameters before and after the classification head, without loading weights."""
+    model, before = build_classifier(spec, num_classes, default_pooling(spec.family), lora, device="meta")
+    return {"before_head": before.as_dict(), "after_head": count_parameters(model).as_dict()}
+
+
+def default_pooling(family: str) -> str:
+    return "last" if family == "gpt2" else "mean"
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter: every trainable tensor (LoRA A/B and the head; the whole model for full fine-tuning)."""
+    return {name: p.detach().float().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the trainable tensors as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(trainable_state_dict(model), str(tmp), metadata=metadata)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load an adapter written by `save_adapter` into `model` (names and shapes must match exactly)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise LorafitError(f"{path}: adapter file not found") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LorafitError(f"{path}: adapter is truncated or corrupt ({str(e).splitlines()[0]})") from None
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    missing = sorted(expected - tensors.keys())
+    unexpected = sorted(tensors.keys() - params.keys())
+    if missing or unexpected:
+        what = f"tensor {missing[0]} is missing" if missing else f"unexpected tensor {unexpected[0]}"
+        raise LorafitError(f"{path}: {what} (adapter does not fit this model)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise LorafitError(
+                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+
+
+def softmax_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits.float(), dim=-1)

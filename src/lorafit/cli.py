@@ -1,0 +1,275 @@
+"""Command line: `lorafit params | train | eval | predict` (one function per subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import LORA_TARGET_MODULES, LoRAConfig, TrainConfig
+from .errors import LorafitError
+
+RECIPES = {
+    # The reference lab's protocol (GPT-2 + LoRA on SMS spam).
+    "seed": dict(
+        data="sms-spam", balance=True, split="0.8,0.1,0.1", batch_size=8, epochs=1, lora_rank=8, lora_alpha=16.0,
+        seed=42, log_every=10,
+    ),  # fmt: skip
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`lorafit: error: ...`, exit 2)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"lorafit: error: {message} (see lorafit {self.prog.split()[-1]} --help)\n")
+        sys.exit(2)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got {text!r}") from None
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="minilm-l6",
+                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, minilm-l6 (packaged, offline), or a local HF "
+                        "directory whose config.json says gpt2 or bert (default: minilm-l6)")  # fmt: skip
+    g.add_argument("--weights", default="pretrained",
+                   help="pretrained (download GPT-2 / the packaged MiniLM), random, or a local directory / "
+                        ".safetensors file (default: pretrained)")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 8)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGET_MODULES),
+                   help="projections to adapt, from q,k,v,out,ff1,ff2 (default: all six)")  # fmt: skip
+    g.add_argument("--lora-blocks", type=_int_list, default=None,
+                   help="blocks to adapt, e.g. 10,11 or -2,-1 (default: all)")  # fmt: skip
+    g.add_argument("--full-finetune", action="store_true", help="train every weight instead of LoRA")
+
+
+def lora_config_from(args: argparse.Namespace) -> LoRAConfig | None:
+    if args.full_finetune:
+        return None
+    return LoRAConfig(
+        rank=8 if args.lora_rank is None else args.lora_rank,
+        alpha=16.0 if args.lora_alpha is None else args.lora_alpha,
+        dropout=args.lora_dropout,
+        targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+        blocks=args.lora_blocks,
+    )
+
+
+def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default,
+                   help="sms-spam (UCI download, offline copy as fallback) or a local .tsv/.csv/.jsonl file"
+                        + (f" (default: {default})" if default else ""))  # fmt: skip
+    g.add_argument("--text-column", default=None, help="text column name (or 0-based number with --no-header)")
+    g.add_argument("--label-column", default=None, help="label column name (or 0-based number with --no-header)")
+    g.add_argument("--no-header", action="store_true", help="the file has no header row")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the data file (default utf-8)")
+    g.add_argument("--strict", action="store_true", help="refuse rows with a missing label or empty text instead of skipping them")
+
+
+def data_options_from(args: argparse.Namespace):
+    from .run import DataOptions
+
+    return DataOptions(
+        source=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        header=False if args.no_header else None,
+        encoding=args.encoding,
+        strict=args.strict,
+    )
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    """Trainable / total parameters before and after the classification head (no weights are loaded)."""
+    from .classifier import build_classifier, default_pooling, parameter_report, resolve_model
+    from .run import format_parameter_report
+
+    spec = resolve_model(args.model, "random")
+    lora = lora_config_from(args)
+    report = parameter_report(spec, lora, args.num_classes)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.model}, " + (f"LoRA rank {lora.rank}" if lora else "full fine-tuning"))
+        print(format_parameter_report(report))
+    if args.show_modules:
+        from .classifier import build_backbone
+
+        plain = build_backbone(spec, "meta")
+        print("\nOne transformer block before LoRA:\n" + str(plain.blocks[0]))
+        model, _ = build_classifier(spec, args.num_classes, default_pooling(spec.family), lora, device="meta")
+        print("\nThe same block after LoRA:\n" + str(model.backbone.blocks[0]))
+        print(f"\nClassification head: {model.head}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fine-tune and write a run directory."""
+    from .data import parse_split
+    from .run import RunOptions, train_run
+
+    if args.recipe:
+        for key, value in RECIPES[args.recipe].items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.data = args.data or "sms-spam"
+    data = data_options_from(args)
+    data.balance = args.balance
+    data.split = parse_split(args.split or "0.7,0.1,0.2")
+    data.stratify = args.stratify
+    data.seed = args.data_seed
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=8 if args.batch_size is None else args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        grad_accum=args.grad_accum,
+        seed=42 if args.seed is None else args.seed,
+        log_every=10 if args.log_every is None else args.log_every,
+        eval_batch_size=args.eval_batch_size,
+        precision=args.precision,
+        bucketing=not args.no_bucketing,
+        scheduler=args.scheduler,
+        warmup=args.warmup,
+        keep_best=args.keep_best,
+        device=args.device,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = RunOptions(
+        model=args.model, weights=args.weights, pooling=args.pooling, lora=lora_config_from(args), train=train,
+        data=data, max_length=args.max_length, out=args.out, examples=args.examples,
+    )  # fmt: skip
+    train_run(options)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Recompute a run's metrics (its own splits, or every row of --data)."""
+    from .run import evaluate_run
+
+    data = data_options_from(args) if args.data else None
+    results = evaluate_run(args.run, data, device=args.device, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for name, m in results.items():
+        spam = ", ".join(f"{label} P/R/F1 {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for label, v in m["per_class"].items())
+        print(f"{name:>5}: accuracy {m['accuracy']:.2%} ({m['count']} rows) | loss {m['loss']:.4f} | {spam}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Label and probability for each text."""
+    from .run import load_classifier
+
+    texts = list(args.texts)
+    if args.file:
+        try:
+            with open(args.file, encoding=args.encoding) as f:
+                texts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except OSError as e:
+            raise LorafitError(f"--file {args.file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise LorafitError(f"--file {args.file}: not {args.encoding} text (try --encoding latin-1)") from None
+    if not texts:
+        raise LorafitError("nothing to predict: give texts as arguments or --file FILE")
+    classifier = load_classifier(args.run, device=args.device)
+    for text, result in zip(texts, classifier.predict(texts, progress=len(texts) > 256)):
+        if args.json:
+            print(json.dumps({"text": text, **result}))
+        else:
+            print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = Parser(prog="lorafit", description="Fine-tune a pretrained transformer with LoRA into a text classifier.")
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("params", help="parameter report (trainable / total, before and after the head)")
+    add_model_options(p)
+    p.add_argument("--num-classes", type=int, default=2, help="classes of the head (default 2)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--show-modules", action="store_true", help="print one transformer block before and after LoRA")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("train", help="fine-tune a classifier and write a run directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_model_options(p)
+    p.add_argument("--pooling", choices=("last", "mean", "cls", "pooler"), default=None,
+                   help="how a row becomes one vector: last (GPT-2 default), mean (BERT default), cls, pooler")  # fmt: skip
+    add_data_options(p, default=None)
+    g = p.add_argument_group("split")
+    g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="undersample the majority classes (default: on for sms-spam, off for files)")  # fmt: skip
+    g.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
+    g.add_argument("--stratify", action="store_true", help="keep class fractions in every split")
+    g.add_argument("--data-seed", type=int, default=None, help="seed of balancing and splitting (default: --seed)")
+    g.add_argument("--max-length", type=int, default=None, help="tokens per text (default: longest training text)")
+    g = p.add_argument_group("training")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="seed: the reference lab's protocol (balanced SMS spam, 0.8/0.1/0.1, batch 8, 1 epoch, r8, alpha 16, seed 42)")  # fmt: skip
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 3 for GPT-2, 5 for BERT)")
+    g.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
+    g.add_argument("--scheduler", choices=("constant", "linear", "cosine"), default=None,
+                   help="learning-rate schedule (default: constant GPT-2, linear BERT)")  # fmt: skip
+    g.add_argument("--warmup", type=float, default=None, help="fraction of steps spent warming up (default: 0 GPT-2, 0.1 BERT)")
+    g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="restore the epoch with the lowest validation loss (default: off GPT-2, on BERT)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
+    g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
+    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
+    g.add_argument("--no-bucketing", action="store_true",
+                   help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
+    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    g.add_argument("--examples", type=int, default=5, help="example predictions printed at the end")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="recompute a run's metrics")
+    p.add_argument("--run", required=True, help="run directory")
+    add_data_options(p, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify texts with a trained run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", default=None, help="a file with one text per line")
+    p.add_argument("--encoding", default="utf-8", help="encoding of --file")
+    p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LorafitError as e:
+        sys.stderr.write(f"lorafit: error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("lorafit: interrupted\n")
+        sys.exit(130)

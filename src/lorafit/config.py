@@ -1,0 +1,128 @@
+"""Plain dataclasses for the model, LoRA and training settings.
+
+Everything a run needs to rebuild its model is in these; a run directory stores them as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# The six projections LoRA can adapt, by the short names the CLI uses, and where they live
+# inside one transformer block. GPT-2 and BERT blocks use the same attribute names on purpose,
+# so one table serves both families.
+LORA_TARGET_MODULES: dict[str, str] = {
+    "q": "attn.query",
+    "k": "attn.key",
+    "v": "attn.value",
+    "out": "attn.out_proj",
+    "ff1": "mlp.fc",
+    "ff2": "mlp.proj",
+}
+
+
+@dataclass
+class GPT2Config:
+    """Shape of a GPT-2 model. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    d_model: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    qkv_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+
+    family: str = field(default="gpt2", init=False)
+
+
+GPT2_SIZES: dict[str, dict[str, int]] = {
+    "gpt2": dict(d_model=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(d_model=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(d_model=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(d_model=1600, n_layer=48, n_head=25),
+}
+
+
+@dataclass
+class BertConfig:
+    """Shape of a BERT-family encoder, with Hugging Face's field names. Defaults are all-MiniLM-L6-v2."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    family: str = field(default="bert", init=False)
+
+
+@dataclass
+class LoRAConfig:
+    """Which linears get a low-rank update, and its shape."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    blocks: list[int] | None = None  # None: every block
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict (including its `family`, when it has one)."""
+    return asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from a dict, ignoring keys it does not know (e.g. `family`)."""
+    names = {f.name for f in fields(cls) if f.init}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings. `None` fields take the model family's default (`FAMILY_DEFAULTS`)."""
+
+    epochs: int | None = None
+    batch_size: int = 8
+    lr: float | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 42
+    log_every: int = 10
+    eval_batch_size: int = 32
+    precision: str = "auto"  # auto | bf16 | fp32
+    bucketing: bool = True  # length-grouped batches padded to their own longest row
+    scheduler: str | None = None  # constant | linear | cosine
+    warmup: float | None = None  # fraction of the optimiser steps spent warming up
+    keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss
+    device: str = "auto"
+
+
+# Per family defaults, chosen on the validation split (see benchmarks/accuracy.py and the README).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The reference lab's settings.
+    "gpt2": dict(epochs=3, lr=5e-4, scheduler="constant", warmup=0.0, keep_best=False),
+    "bert": dict(epochs=5, lr=1e-3, scheduler="linear", warmup=0.1, keep_best=True),
+}
+
+
+def resolve_train_config(config: TrainConfig, family: str) -> TrainConfig:
+    """A copy of `config` with every `None` filled from the family's defaults."""
+    values = asdict(config)
+    for key, value in FAMILY_DEFAULTS[family].items():
+        if values.get(key) is None:
+            values[key] = value
+    return TrainConfig(**values)

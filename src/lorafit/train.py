@@ -1,0 +1,278 @@
+"""Training loop, evaluation and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batching import collate, epoch_batches, sorted_batches
+from .config import TrainConfig
+from .errors import LorafitError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (the reference lab seeds torch only; we seed all three)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA when present, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LorafitError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorafitError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → bf16 where the hardware has fast bf16 matrix units, else fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise LorafitError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matrix products; a no-op in fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen linear weights in `dtype` (bf16 halves their memory and skips a cast per step);
+    embeddings, LayerNorms and every trainable parameter stay fp32."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.to(dtype)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    rows: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
+    """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches."""
+    was_training = model.training
+    model.eval()
+    logits = torch.empty(len(rows), model.head.out_features)
+    for batch in tqdm(sorted_batches([len(r) for r in rows], batch_size), desc=desc, leave=False, disable=not progress):
+        input_ids, attention_mask = collate([rows[i] for i in batch], pad_id)
+        with autocast(device, precision):
+            out = model(input_ids.to(device), attention_mask.to(device))
+        logits[torch.as_tensor(batch)] = out.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix (rows: true, columns: predicted)."""
+    k = len(labels)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    per_class = {}
+    for i, name in enumerate(labels):
+        tp = int(matrix[i, i])
+        predicted, actual = int(matrix[:, i].sum()), int(matrix[i, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    total = int(matrix.sum())
+    return {
+        "accuracy": float(np.trace(matrix)) / total if total else 0.0,
+        "count": total,
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    rows: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    label_names: Sequence[str],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """Loss and classification metrics of `model` on one split."""
+    logits = predict_logits(
+        model, rows, pad_id=pad_id, batch_size=batch_size, device=device, precision=precision, progress=progress, desc=desc
+    )
+    targets = torch.as_tensor(list(labels), dtype=torch.long)
+    metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), label_names)
+    metrics["loss"] = F.cross_entropy(logits, targets).item() if len(rows) else float("nan")
+    return metrics
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: float):
+    """Learning-rate schedule over optimiser steps: linear warm-up, then constant, linear or cosine decay."""
+    warmup_steps = int(round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    if kind not in ("constant", "linear", "cosine"):
+        raise LorafitError(f"--scheduler must be constant, linear or cosine, got {kind!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Split:
+    """One split, tokenized: token ids per row and class ids."""
+
+    rows: list[list[int]]
+    labels: list[int]
+    texts: list[str] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    label_names: Sequence[str],
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    device: torch.device,
+    precision: str,
+    pad_to: int | None = None,
+    on_record: Callable[[dict], None] = lambda record: None,
+    print_fn: Callable[[str], None] = tqdm.write,
+) -> list[dict]:
+    """Train the trainable parameters of `model` on `train`, validating after each epoch.
+
+    Prints the lab's lines (`Epoch 1 | Batch 10 | Loss: 1.2277` every `log_every` batches, then the epoch
+    summary and the validation result), hands each record to `on_record`, and returns one dict per epoch.
+    With `keep_best`, the trainable weights of the epoch with the lowest validation loss are restored.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on biases and LayerNorm weights (as GPT-2 and BERT were trained).
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    batches_per_epoch = math.ceil(len(train.rows) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)
+    lengths = [len(r) for r in train.rows]
+    history: list[dict] = []
+    best_loss, best_state = float("inf"), None
+
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        batches = epoch_batches(
+            lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing
+        )
+        start = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(batches, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+        for index, batch in enumerate(bar, start=1):
+            input_ids, attention_mask = collate([train.rows[i] for i in batch], pad_id, pad_to)
+            targets = torch.as_tensor([train.labels[i] for i in batch], dtype=torch.long, device=device)
+            with autocast(device, precision):
+                logits = model(input_ids.to(device), attention_mask.to(device))
+            loss = F.cross_entropy(logits.float(), targets)
+            (loss / config.grad_accum).backward()
+            if index % config.grad_accum == 0 or index == len(batches):
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_loss = loss.item()
+            loss_sum += batch_loss * len(batch)
+            correct += int((logits.argmax(-1) == targets).sum())
+            seen += len(batch)
+            bar.set_postfix(loss=f"{batch_loss:.4f}", acc=f"{correct / seen:.2%}")
+            if index % config.log_every == 0:
+                print_fn(f"Epoch {epoch} | Batch {index} | Loss: {batch_loss:.4f}")
+                on_record({"type": "batch", "epoch": epoch, "batch": index, "loss": batch_loss})
+        seconds = time.perf_counter() - start
+        train_loss, train_accuracy = loss_sum / seen, correct / seen
+        print_fn(
+            f"Epoch {epoch} Finished | Avg Loss: {train_loss:.4f} | Acc: {train_accuracy:.2%} | Time: {seconds:.2f}s"
+        )
+        result = evaluate(
+            model, val.rows, val.labels, label_names, pad_id=pad_id, batch_size=config.eval_batch_size,
+            device=device, precision=precision,
+        )  # fmt: skip
+        print_fn(f"Validation | Loss: {result['loss']:.4f} | Acc: {result['accuracy']:.2%}")
+        record = {
+            "epoch": epoch,
+            "seconds": seconds,
+            "batches": len(batches),
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": result["loss"],
+            "val_accuracy": result["accuracy"],
+            "lr": scheduler.get_last_lr()[0],
+        }
+        history.append(record)
+        on_record({"type": "epoch", **record})
+        if config.keep_best and result["loss"] < best_loss:
+            best_loss = result["loss"]
+            best_state = {id(p): p.detach().clone() for p in trainable}
+    if config.keep_best and best_state is not None and len(history) > 1:
+        best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
+        with torch.no_grad():
+            for p in trainable:
+                p.copy_(best_state[id(p)])
+        print_fn(f"Keeping epoch {best_epoch} (lowest validation loss {best_loss:.4f})")
+    return history

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models and synthetic data, so the suite runs offline in minutes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("LORAFIT_OFFLINE", "1")  # never try to download in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_gpt2_config():
+    from lorafit.config import GPT2Config
+
+    return GPT2Config(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=4)
+
+
+def synthetic_sms(n: int = 120, seed: int = 0) -> list[tuple[str, str]]:
+    """A learnable two-class corpus: 'spam' rows mention prizes and numbers, 'ham' rows everyday plans."""
+    rng = random.Random(seed)
+    spam_words = ["WIN", "FREE", "prize", "claim", "cash", "call", "now", "urgent", "txt", "offer"]
+    ham_words = ["see", "you", "later", "home", "dinner", "ok", "love", "thanks", "tomorrow", "meeting"]
+    rows = []
+    for i in range(n):
+        label = "spam" if i % 3 == 0 else "ham"
+        words = spam_words if label == "spam" else ham_words
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        if label == "spam":
+            text += f" {rng.randint(10000, 99999)}"
+        rows.append((label, text))
+    return rows
+
+
+@pytest.fixture
+def sms_file(tmp_path):
+    path = tmp_path / "sms.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms()), encoding="utf-8")
+    return path

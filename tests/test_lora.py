@@ -1,0 +1,116 @@
+"""LoRA: initial no-op, merge/unmerge, freezing, parameter report (the lab's exact numbers), adapters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lorafit import GPT2, LoRAConfig, LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora
+from lorafit.classifier import parameter_report, resolve_model
+from lorafit.errors import LorafitError
+
+
+def test_lora_linear_starts_as_identity_update():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    lora = LoRALinear(base, rank=4, alpha=8)
+    x = torch.randn(3, 16)
+    assert torch.equal(lora(x), base(x))  # B is zero
+    assert lora.A.shape == (16, 4) and lora.B.shape == (4, 8)
+    assert not base.weight.requires_grad and lora.A.requires_grad and lora.B.requires_grad
+
+
+def test_lora_forward_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    lora = LoRALinear(base, rank=4, alpha=8)
+    nn.init.normal_(lora.B)
+    x = torch.randn(3, 16)
+    expected = base(x) + (8 / 4) * (x @ lora.A @ lora.B)
+    assert torch.allclose(lora(x), expected, atol=1e-6)
+
+
+def test_merge_unmerge_agree(tiny_gpt2_config):
+    torch.manual_seed(0)
+    model = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=4, alpha=8))
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            nn.init.normal_(module.B, std=0.02)
+    model.eval()
+    ids = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        unmerged = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+        unmerge_lora(model)
+        again = model(ids)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert (again - unmerged).abs().max().item() <= 1e-5
+
+
+def test_apply_lora_freezes_everything_else(tiny_gpt2_config):
+    model = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=2, targets=["q", "v"], blocks=[-1]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == [
+        "blocks.1.attn.query.A", "blocks.1.attn.query.B", "blocks.1.attn.value.A", "blocks.1.attn.value.B",
+    ]  # fmt: skip
+    assert isinstance(model.blocks[1].attn.query, LoRALinear)
+    assert not isinstance(model.blocks[0].attn.query, LoRALinear)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (LoRAConfig(rank=0), "rank must be at least 1"),
+        (LoRAConfig(targets=["q", "bogus"]), "unknown bogus"),
+        (LoRAConfig(blocks=[5]), "block 5 does not exist"),
+    ],
+)
+def test_bad_lora_settings(tiny_gpt2_config, config, message):
+    with pytest.raises(LorafitError, match=message):
+        apply_lora(GPT2(tiny_gpt2_config), config)
+
+
+def test_parameter_report_matches_the_lab_for_gpt2():
+    report = parameter_report(resolve_model("gpt2", "random"), LoRAConfig(rank=8), num_classes=2)
+    assert report["before_head"]["trainable"] == 1_327_104
+    assert report["before_head"]["total"] == 164_364_288
+    assert f"{report['before_head']['fraction']:.2%}" == "0.81%"
+    assert report["after_head"]["trainable"] == 1_328_642
+    assert report["after_head"]["total"] == 125_768_450
+    assert f"{report['after_head']['fraction']:.2%}" == "1.06%"
+
+
+def test_parameter_count_counts_real_model_like_meta(tiny_gpt2_config):
+    real = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=8))
+    with torch.device("meta"):
+        meta = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=8))
+    assert count_parameters(real) == count_parameters(meta)
+
+
+def test_params_cli_json_every_size():
+    for name in ("gpt2", "gpt2-xl"):
+        out = subprocess.run(
+            [sys.executable, "-m", "lorafit", "params", "--model", name, "--lora-rank", "8", "--json"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        report = json.loads(out)
+        assert set(report) == {"before_head", "after_head"}
+        assert set(report["after_head"]) == {"trainable", "total", "fraction"}
+        if name == "gpt2-xl":  # 1558M + a separate LM head of 50257 x 1600, as the lab counts it
+            assert report["after_head"]["total"] > 1_500_000_000
+
+
+def test_params_cli_text_and_modules():
+    out = subprocess.run(
+        [sys.executable, "-m", "lorafit", "params", "--model", "gpt2", "--lora-rank", "8", "--show-modules"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "trainable 1,327,104 | total 164,364,288 | trainable 0.81%" in out
+    assert "trainable 1,328,642 | total 125,768,450 | trainable 1.06%" in out
+    assert "LoRALinear" in out and "(base): Linear(in_features=768, out_features=768" in out
