@@ -136,9 +136,13 @@ def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:
         family = "bert"
         tokenizer = str(directory / "tokenizer.json")
         if not Path(tokenizer).is_file():
-            raise LorafitError(f"{directory}: no tokenizer.json (lorafit reads BERT tokenizers from tokenizer.json)")
+            raise LorafitError(
+                f"{directory}: no tokenizer.json (lorafit reads BERT tokenizers from tokenizer.json)"
+            )
     else:
-        raise LorafitError(f"{directory}/config.json: model_type {model_type!r} is not supported (gpt2 or bert)")
+        raise LorafitError(
+            f"{directory}/config.json: model_type {model_type!r} is not supported (gpt2 or bert)"
+        )
 
     if weights == "random":
         weights_path = None

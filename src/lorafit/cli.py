@@ -12,8 +12,15 @@ from .errors import LorafitError
 RECIPES = {
     # The reference lab's protocol (GPT-2 + LoRA on SMS spam).
     "seed": dict(
-        data="sms-spam", balance=True, split="0.8,0.1,0.1", batch_size=8, epochs=1, lora_rank=8, lora_alpha=16.0,
-        seed=42, log_every=10,
+        data="sms-spam",
+        balance=True,
+        split="0.8,0.1,0.1",
+        batch_size=8,
+        epochs=1,
+        lora_rank=8,
+        lora_alpha=16.0,
+        seed=42,
+        log_every=10,
     ),  # fmt: skip
 }
 
@@ -42,7 +49,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="pretrained (download GPT-2 / the packaged MiniLM), random, or a local directory / "
                         ".safetensors file (default: pretrained)")  # fmt: skip
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 8)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    g.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha; the update is scaled by alpha/r (default 16)",
+    )
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
     g.add_argument("--lora-targets", default=",".join(LORA_TARGET_MODULES),
                    help="projections to adapt, from q,k,v,out,ff1,ff2 (default: all six)")  # fmt: skip
@@ -68,11 +80,19 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam
     g.add_argument("--data", default=default,
                    help="sms-spam (UCI download, offline copy as fallback) or a local .tsv/.csv/.jsonl file"
                         + (f" (default: {default})" if default else ""))  # fmt: skip
-    g.add_argument("--text-column", default=None, help="text column name (or 0-based number with --no-header)")
-    g.add_argument("--label-column", default=None, help="label column name (or 0-based number with --no-header)")
+    g.add_argument(
+        "--text-column", default=None, help="text column name (or 0-based number with --no-header)"
+    )
+    g.add_argument(
+        "--label-column", default=None, help="label column name (or 0-based number with --no-header)"
+    )
     g.add_argument("--no-header", action="store_true", help="the file has no header row")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the data file (default utf-8)")
-    g.add_argument("--strict", action="store_true", help="refuse rows with a missing label or empty text instead of skipping them")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse rows with a missing label or empty text instead of skipping them",
+    )
 
 
 def data_options_from(args: argparse.Namespace):
@@ -164,7 +184,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps(results, indent=2))
         return
     for name, m in results.items():
-        spam = ", ".join(f"{label} P/R/F1 {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}" for label, v in m["per_class"].items())
+        spam = ", ".join(
+            f"{label} P/R/F1 {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}"
+            for label, v in m["per_class"].items()
+        )
         print(f"{name:>5}: accuracy {m['accuracy']:.2%} ({m['count']} rows) | loss {m['loss']:.4f} | {spam}")
 
 
@@ -180,7 +203,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         except OSError as e:
             raise LorafitError(f"--file {args.file}: {e.strerror}") from None
         except UnicodeDecodeError:
-            raise LorafitError(f"--file {args.file}: not {args.encoding} text (try --encoding latin-1)") from None
+            raise LorafitError(
+                f"--file {args.file}: not {args.encoding} text (try --encoding latin-1)"
+            ) from None
     if not texts:
         raise LorafitError("nothing to predict: give texts as arguments or --file FILE")
     classifier = load_classifier(args.run, device=args.device)
@@ -194,7 +219,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = Parser(prog="lorafit", description="Fine-tune a pretrained transformer with LoRA into a text classifier.")
+    parser = Parser(
+        prog="lorafit", description="Fine-tune a pretrained transformer with LoRA into a text classifier."
+    )
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -202,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--num-classes", type=int, default=2, help="classes of the head (default 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--show-modules", action="store_true", help="print one transformer block before and after LoRA")
+    p.add_argument(
+        "--show-modules", action="store_true", help="print one transformer block before and after LoRA"
+    )
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("train", help="fine-tune a classifier and write a run directory",
@@ -216,20 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="undersample the majority classes (default: on for sms-spam, off for files)")  # fmt: skip
     g.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
     g.add_argument("--stratify", action="store_true", help="keep class fractions in every split")
-    g.add_argument("--data-seed", type=int, default=None, help="seed of balancing and splitting (default: --seed)")
-    g.add_argument("--max-length", type=int, default=None, help="tokens per text (default: longest training text)")
+    g.add_argument(
+        "--data-seed", type=int, default=None, help="seed of balancing and splitting (default: --seed)"
+    )
+    g.add_argument(
+        "--max-length", type=int, default=None, help="tokens per text (default: longest training text)"
+    )
     g = p.add_argument_group("training")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="seed: the reference lab's protocol (balanced SMS spam, 0.8/0.1/0.1, batch 8, 1 epoch, r8, alpha 16, seed 42)")  # fmt: skip
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 3 for GPT-2, 5 for BERT)")
     g.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)")
+    g.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)"
+    )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
     g.add_argument("--scheduler", choices=("constant", "linear", "cosine"), default=None,
                    help="learning-rate schedule (default: constant GPT-2, linear BERT)")  # fmt: skip
-    g.add_argument("--warmup", type=float, default=None, help="fraction of steps spent warming up (default: 0 GPT-2, 0.1 BERT)")
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="fraction of steps spent warming up (default: 0 GPT-2, 0.1 BERT)",
+    )
     g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="restore the epoch with the lowest validation loss (default: off GPT-2, on BERT)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")

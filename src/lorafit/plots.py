@@ -33,11 +33,31 @@ def plot_loss(epochs: list[dict], steps: list[dict], path: str | os.PathLike) ->
         for s in steps:
             per_epoch[s["epoch"]] = max(per_epoch.get(s["epoch"], 0), s["batch"])
         # A logged batch b of epoch e sits at e - 1 + b / (batches in e), so both curves share the x axis.
-        total = {e["epoch"]: e.get("batches", per_epoch[e["epoch"]]) for e in epochs if e["epoch"] in per_epoch}
+        total = {
+            e["epoch"]: e.get("batches", per_epoch[e["epoch"]]) for e in epochs if e["epoch"] in per_epoch
+        }
         x = [s["epoch"] - 1 + s["batch"] / total.get(s["epoch"], per_epoch[s["epoch"]]) for s in steps]
-        ax.plot(x, [s["loss"] for s in steps], color="tab:blue", alpha=0.35, label="training loss (logged batches)")
-    ax.plot([e["epoch"] for e in epochs], [e["train_loss"] for e in epochs], "o-", color="tab:blue", label="training loss (epoch mean)")
-    ax.plot([e["epoch"] for e in epochs], [e["val_loss"] for e in epochs], "s--", color="tab:orange", label="validation loss")
+        ax.plot(
+            x,
+            [s["loss"] for s in steps],
+            color="tab:blue",
+            alpha=0.35,
+            label="training loss (logged batches)",
+        )
+    ax.plot(
+        [e["epoch"] for e in epochs],
+        [e["train_loss"] for e in epochs],
+        "o-",
+        color="tab:blue",
+        label="training loss (epoch mean)",
+    )
+    ax.plot(
+        [e["epoch"] for e in epochs],
+        [e["val_loss"] for e in epochs],
+        "s--",
+        color="tab:orange",
+        label="validation loss",
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")

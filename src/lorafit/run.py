@@ -76,7 +76,9 @@ class RunOptions:
     examples: int = 0  # example predictions printed at the end
 
 
-def _load_splits(data: DataOptions, seed: int, log=print) -> tuple[TextDataset, list[int], list[int], list[int]]:
+def _load_splits(
+    data: DataOptions, seed: int, log=print
+) -> tuple[TextDataset, list[int], list[int], list[int]]:
     dataset = load_dataset(
         data.source,
         text_column=data.text_column,
@@ -86,7 +88,9 @@ def _load_splits(data: DataOptions, seed: int, log=print) -> tuple[TextDataset, 
         strict=data.strict,
         log=log,
     )
-    indices = balance_classes(dataset.labels, seed) if data.resolved_balance() else list(range(len(dataset.texts)))
+    indices = (
+        balance_classes(dataset.labels, seed) if data.resolved_balance() else list(range(len(dataset.texts)))
+    )
     stratify = [dataset.labels[i] for i in indices] if data.stratify else None
     train, val, test = split_indices(indices, data.split, seed, stratify=stratify)
     if not train or not val:
@@ -141,7 +145,9 @@ def train_run(options: RunOptions, log=print) -> Path:
         full, _ = tokenizer.encode_batch(train_texts)
         max_length = min(context, max(len(r) for r in full))
     if not 1 <= max_length <= context:
-        raise LorafitError(f"--max-length must be between 1 and the model's context {context}, got {max_length}")
+        raise LorafitError(
+            f"--max-length must be between 1 and the model's context {context}, got {max_length}"
+        )
 
     splits, truncated = {}, 0
     for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
@@ -151,7 +157,9 @@ def train_run(options: RunOptions, log=print) -> Path:
         splits[name] = Split(rows, [class_of[dataset.labels[i]] for i in idx], texts)
     log(f"Tokens: max length {max_length}" + (f"; {truncated} texts truncated to it" if truncated else ""))
 
-    model, before_head = build_classifier(spec, len(names), pooling, options.lora, seed=train_config.seed, device=device)
+    model, before_head = build_classifier(
+        spec, len(names), pooling, options.lora, seed=train_config.seed, device=device
+    )
     seed_everything(train_config.seed)
     report = {"before_head": before_head.as_dict(), "after_head": _count(model)}
     log(format_parameter_report(report))
@@ -223,7 +231,10 @@ def _count(model) -> dict:
 
 def format_parameter_report(report: dict) -> str:
     lines = []
-    for key, title in (("before_head", "before the classification head"), ("after_head", "after the classification head")):
+    for key, title in (
+        ("before_head", "before the classification head"),
+        ("after_head", "after the classification head"),
+    ):
         row = report[key]
         lines.append(
             f"Parameters {title}: trainable {row['trainable']:,} | total {row['total']:,} | "
@@ -253,7 +264,9 @@ def validate_train_config(config: TrainConfig) -> None:
 class Classifier:
     """A trained classifier ready to predict: `predict(texts)` → one dict per text."""
 
-    def __init__(self, model: SequenceClassifier, tokenizer, labels: list[str], max_length: int, device, precision):
+    def __init__(
+        self, model: SequenceClassifier, tokenizer, labels: list[str], max_length: int, device, precision
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.labels = labels
@@ -302,17 +315,23 @@ def load_classifier(
     train = config["train"]
     torch_device = resolve_device(device)
     precision = resolve_precision(precision or "auto", torch_device)
-    model, _ = build_classifier(spec, len(config["labels"]), config["pooling"], lora, seed=train["seed"], device=torch_device)
+    model, _ = build_classifier(
+        spec, len(config["labels"]), config["pooling"], lora, seed=train["seed"], device=torch_device
+    )
     load_adapter(model, Path(run_dir) / "adapter.safetensors")
     model.eval()
     if lora is not None and merge:
         merge_lora(model)
     if precision == "bf16":
         cast_frozen_linears(model, torch.bfloat16)
-    return Classifier(model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision)
+    return Classifier(
+        model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision
+    )
 
 
-def evaluate_run(run_dir: str | os.PathLike, data: DataOptions | None = None, device: str = "auto", log=print) -> dict:
+def evaluate_run(
+    run_dir: str | os.PathLike, data: DataOptions | None = None, device: str = "auto", log=print
+) -> dict:
     """Metrics of a run's classifier: on its own train / val / test splits (rebuilt from its config), or on
     every row of `data` when given."""
     config = read_run_config(run_dir)

@@ -98,7 +98,9 @@ def predict_logits(
     was_training = model.training
     model.eval()
     logits = torch.empty(len(rows), model.head.out_features)
-    for batch in tqdm(sorted_batches([len(r) for r in rows], batch_size), desc=desc, leave=False, disable=not progress):
+    for batch in tqdm(
+        sorted_batches([len(r) for r in rows], batch_size), desc=desc, leave=False, disable=not progress
+    ):
         input_ids, attention_mask = collate([rows[i] for i in batch], pad_id)
         with autocast(device, precision):
             out = model(input_ids.to(device), attention_mask.to(device))
@@ -144,7 +146,14 @@ def evaluate(
 ) -> dict:
     """Loss and classification metrics of `model` on one split."""
     logits = predict_logits(
-        model, rows, pad_id=pad_id, batch_size=batch_size, device=device, precision=precision, progress=progress, desc=desc
+        model,
+        rows,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        desc=desc,
     )
     targets = torch.as_tensor(list(labels), dtype=torch.long)
     metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), label_names)

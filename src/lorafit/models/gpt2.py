@@ -113,7 +113,9 @@ class GPT2(nn.Module):
         """Final (post `ln_f`) hidden states, batch × seq × d_model."""
         t = input_ids.shape[1]
         if t > self.config.context_length:
-            raise LorafitError(f"sequence of {t} tokens exceeds the context length {self.config.context_length}")
+            raise LorafitError(
+                f"sequence of {t} tokens exceeds the context length {self.config.context_length}"
+            )
         positions = torch.arange(t, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         # With right padding (what lorafit produces) the causal mask already hides the pads.
@@ -179,7 +181,9 @@ def resolve_weights(name_or_path: str) -> Path:
         return path
     if name_or_path in GPT2_SIZES:
         return download_gpt2(name_or_path)
-    raise LorafitError(f"{name_or_path}: no such file or directory, and not a GPT-2 size ({', '.join(GPT2_SIZES)})")
+    raise LorafitError(
+        f"{name_or_path}: no such file or directory, and not a GPT-2 size ({', '.join(GPT2_SIZES)})"
+    )
 
 
 def download_gpt2(name: str) -> Path:
@@ -267,7 +271,9 @@ def gpt2_state_dict_to_hf(state: dict[str, torch.Tensor], n_layer: int) -> dict[
             out[f"h.{i}.{hf_name}"] = tensor.t().contiguous() if tensor.dim() == 2 else tensor
         parts = [state[f"blocks.{i}.attn.{p}.weight"].t() for p in ("query", "key", "value")]
         out[f"h.{i}.attn.c_attn.weight"] = torch.cat(parts, dim=1).contiguous()
-        out[f"h.{i}.attn.c_attn.bias"] = torch.cat([state[f"blocks.{i}.attn.{p}.bias"] for p in ("query", "key", "value")])
+        out[f"h.{i}.attn.c_attn.bias"] = torch.cat(
+            [state[f"blocks.{i}.attn.{p}.bias"] for p in ("query", "key", "value")]
+        )
     return out
 
 

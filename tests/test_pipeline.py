@@ -1,0 +1,239 @@
+"""End to end on a tiny GPT-2 and synthetic data: train → run directory → eval → predict, plus the
+invariances the speed levers rely on (padding, bucketing, bf16)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorafit import GPT2, LoRAConfig, load_classifier
+from lorafit.batching import collate, epoch_batches
+from lorafit.classifier import SequenceClassifier
+from lorafit.cli import main
+from lorafit.lora import apply_lora
+from lorafit.models.gpt2 import gpt2_state_dict_to_hf
+
+
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path, tiny_gpt2_config):
+    """A Hugging Face-format GPT-2 directory holding a tiny random model."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = GPT2(tiny_gpt2_config)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    directory = tmp_path / "tiny-gpt2"
+    directory.mkdir()
+    save_file(gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(directory / "model.safetensors"))
+    c = tiny_gpt2_config
+    (directory / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="gpt2",
+                vocab_size=c.vocab_size,
+                n_positions=c.context_length,
+                n_embd=c.d_model,
+                n_layer=c.n_layer,
+                n_head=c.n_head,
+            )
+        )  # fmt: skip
+    )
+    return directory
+
+
+def train_tiny(tiny_gpt2_dir, sms_file, out, *extra):
+    main(["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--epochs", "2", "--lr", "3e-3",
+          "--lora-rank", "4", "--out", str(out), "--log-every", "5", "--precision", "fp32", *extra])  # fmt: skip
+
+
+def test_train_writes_the_run_directory(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, sms_file, out)
+    printed = capsys.readouterr().out
+    assert re.search(r"^Epoch 1 \| Batch 5 \| Loss: \d+\.\d{4}$", printed, re.M)
+    assert re.search(
+        r"^Epoch 2 Finished \| Avg Loss: \d+\.\d{4} \| Acc: \d+\.\d{2}% \| Time: \d+\.\d{2}s$", printed, re.M
+    )
+    assert re.search(r"^Validation \| Loss: \d+\.\d{4} \| Acc: \d+\.\d{2}%$", printed, re.M)
+    for line in (
+        "Training accuracy:",
+        "Validation accuracy:",
+        "Test accuracy:",
+        "Parameters before the classification head",
+    ):
+        assert line in printed
+    for name in (
+        "config.json",
+        "adapter.safetensors",
+        "labels.json",
+        "metrics.json",
+        "log.jsonl",
+        "loss.png",
+        "accuracy.png",
+    ):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "labels.json").read_text()) == ["ham", "spam"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert set(metrics[split]) >= {"accuracy", "per_class", "confusion_matrix"}
+        assert set(metrics[split]["per_class"]["spam"]) >= {"precision", "recall", "f1"}
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert set(metrics["epochs"][0]) >= {
+        "seconds",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+    }
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in records} == {"batch", "epoch"}
+    # The adapter holds LoRA and the head only: far smaller than the base.
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter.safetensors"))
+    assert all(k.endswith((".A", ".B")) or k.startswith("head.") for k in adapter)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # The synthetic task is easy: a working loop learns it.
+    assert metrics["val"]["accuracy"] >= 0.9
+
+
+def test_load_classifier_predicts_and_eval_recomputes(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, sms_file, out)
+    capsys.readouterr()
+    classifier = load_classifier(out, device="cpu")
+    rows = [line.split("\t") for line in sms_file.read_text().splitlines()]
+    results = classifier.predict([text for _, text in rows])
+    agree = sum(r["label"] == label for (label, _), r in zip(rows, results)) / len(rows)
+    assert agree >= 0.85
+    assert abs(sum(results[0]["probabilities"].values()) - 1) < 1e-5
+
+    main(["eval", "--run", str(out), "--json"])
+    recomputed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert recomputed[split]["confusion_matrix"] == saved[split]["confusion_matrix"]
+
+    main(["predict", "--run", str(out), "--json", rows[0][1]])
+    line = json.loads(capsys.readouterr().out)
+    assert line["label"] == results[0]["label"] and set(line["probabilities"]) == {"ham", "spam"}
+
+
+def test_same_seed_same_adapter(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "a", "--epochs", "1")
+    train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "b", "--epochs", "1")
+    a, b = (
+        load_file(str(tmp_path / "a" / "adapter.safetensors")),
+        load_file(str(tmp_path / "b" / "adapter.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_classifier(tiny_gpt2_config, pooling="last"):
+    torch.manual_seed(0)
+    backbone = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=4))
+    model = SequenceClassifier(backbone, 2, pooling).eval()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_more_padding_does_not_change_predictions(tiny_gpt2_config, pooling):
+    model = _tiny_classifier(tiny_gpt2_config, pooling)
+    rows = [[10, 20, 30], [40, 50, 60, 70, 80, 90], [7]]
+    with torch.no_grad():
+        tight = model(*collate(rows, 50256))
+        padded = model(*collate(rows, 50256, pad_to=40))
+    assert (tight - padded).abs().max().item() < 1e-5
+
+
+def test_bucketed_and_unbucketed_batches_give_the_same_loss(tiny_gpt2_config):
+    """The same rows in the same batch, padded to their own longest or to a fixed width: same loss."""
+    model = _tiny_classifier(tiny_gpt2_config)
+    torch.manual_seed(1)
+    rows = [torch.randint(0, 50000, (n,)).tolist() for n in (3, 9, 14, 5, 30, 2, 8, 11)]
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
+    with torch.no_grad():
+        per_batch = torch.nn.functional.cross_entropy(model(*collate(rows, 50256)), labels)
+        fixed = torch.nn.functional.cross_entropy(model(*collate(rows, 50256, pad_to=64)), labels)
+    assert abs(per_batch.item() - fixed.item()) < 1e-5
+
+
+def test_bucketing_keeps_every_row_once_and_groups_lengths():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    batches = epoch_batches(lengths, 8, seed=42, epoch=1, bucketing=True)
+    flat = sorted(int(i) for b in batches for i in b)
+    assert flat == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    plain = epoch_batches(lengths, 8, seed=42, epoch=1, bucketing=False)
+    plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain) / len(plain)
+    assert spread < plain_spread / 5
+    assert [b.tolist() for b in batches] == [b.tolist() for b in epoch_batches(lengths, 8, seed=42, epoch=1)]
+    assert [b.tolist() for b in batches] != [b.tolist() for b in epoch_batches(lengths, 8, seed=42, epoch=2)]
+
+
+def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
+    from lorafit.train import autocast, cast_frozen_linears
+
+    model = _tiny_classifier(tiny_gpt2_config)
+    rows = [[10, 20, 30, 40], [50, 60], [70, 80, 90, 100, 110]]
+    with torch.no_grad():
+        fp32 = torch.softmax(model(*collate(rows, 50256)), -1)
+        cast_frozen_linears(model, torch.bfloat16)
+        with autocast(torch.device("cpu"), "bf16"):
+            bf16 = torch.softmax(model(*collate(rows, 50256)), -1)
+    assert (fp32 - bf16).abs().max().item() < 0.02
+    assert fp32.argmax(-1).tolist() == bf16.argmax(-1).tolist()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora-rank", "0"], "--lora-rank must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--split", "0.5,0.2,0.2"], "sum to 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_bad_options_one_line_nonzero(tiny_gpt2_dir, sms_file, tmp_path, args, message):
+    result = run_cli(
+        "train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--out", str(tmp_path / "r"), *args
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafit: error:") and message in lines[0], result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    result = run_cli("train", "--data", str(tmp_path / "nope.tsv"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "nope.tsv" in result.stderr
+
+
+def test_unknown_option_is_one_line():
+    result = run_cli("train", "--bogus")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pretrained_gpt2_offline_is_one_line_and_fast():
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", "--model", "gpt2", "--weights", "pretrained", "--data", "sms-spam"],
+        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_CACHE": "/nonexistent-lorafit"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--weights PATH" in result.stderr
