@@ -1,0 +1,159 @@
+"""Accuracy benchmark: lorafit MiniLM + LoRA vs full fine-tuning vs a TF-IDF baseline on the SMS collection.
+
+Two protocols on the full UCI file:
+  (a) the reference split: balanced 747/747, seed 123, 70/10/20 -> 1,045 / 149 / 300;
+  (b) the real-world one: all 5,574 messages, no balancing, stratified, seed 123: 72/8/20 (train / val /
+      test; train + val is the 80 % the TF-IDF baseline fits on).
+
+    python benchmarks/accuracy.py [--data ../shared/data/SMSSpamCollection] [--protocols a,b] [--seeds 1,2,3]
+
+Needs scikit-learn for the baseline (pip install 'lorafit[benchmark]'). Prints a Markdown table and writes
+benchmarks/results/accuracy.json. Each lorafit row is a real `train_run` with the `minilm-l6` defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from lorafit.config import LoRAConfig, TrainConfig
+from lorafit.data import balance_classes, label_names, read_table, split_indices
+from lorafit.run import DataOptions, RunOptions, train_run
+
+PROTOCOLS = {
+    "a": dict(balance=True, split=(0.7, 0.1, 0.2), stratify=False),
+    "b": dict(balance=False, split=(0.72, 0.08, 0.2), stratify=True),
+}
+DATA_SEED = 123
+
+
+def spam_scores(metrics: dict) -> dict:
+    spam = metrics["per_class"]["spam"]
+    return {"accuracy": metrics["accuracy"], "precision": spam["precision"], "recall": spam["recall"], "f1": spam["f1"]}
+
+
+def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, epochs: int | None) -> dict:
+    options = RunOptions(
+        model="minilm-l6",
+        lora=None if full else LoRAConfig(rank=8, alpha=16),
+        train=TrainConfig(seed=seed, epochs=epochs, lr=5e-5 if full else None),
+        data=DataOptions(source=data),
+        out=str(out),
+        examples=0,
+    )
+    options.data.balance = PROTOCOLS[protocol]["balance"]
+    options.data.split = PROTOCOLS[protocol]["split"]
+    options.data.stratify = PROTOCOLS[protocol]["stratify"]
+    options.data.seed = DATA_SEED
+    run_dir = train_run(options, log=lambda message: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return {
+        "train": metrics["train"]["accuracy"],
+        "val": metrics["val"]["accuracy"],
+        "test": spam_scores(metrics["test"]),
+        "seconds_per_epoch": statistics.mean(e["seconds"] for e in metrics["epochs"]),
+        "epochs_run": len(metrics["epochs"]),
+        "trainable": config["parameters"]["after_head"]["trainable"],
+    }
+
+
+def run_tfidf(data: str, protocol: str) -> dict:
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    dataset = read_table(data)
+    p = PROTOCOLS[protocol]
+    indices = balance_classes(dataset.labels, DATA_SEED) if p["balance"] else list(range(len(dataset.texts)))
+    train, val, test = split_indices(indices, p["split"], DATA_SEED, stratify=dataset.labels if p["stratify"] else None)
+    fit_rows = train + val if protocol == "b" else train  # (b): the baseline fits on the whole 80 %
+    word = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
+    texts = dataset.texts
+    names = label_names(dataset.labels)
+    y = [names.index(label) for label in dataset.labels]
+
+    def features(rows, fit=False):
+        batch = [texts[i] for i in rows]
+        if fit:
+            return hstack([word.fit_transform(batch), char.fit_transform(batch)]).tocsr()
+        return hstack([word.transform(batch), char.transform(batch)]).tocsr()
+
+    start = time.perf_counter()
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(features(fit_rows, fit=True), [y[i] for i in fit_rows])
+    seconds = time.perf_counter() - start
+    from lorafit.train import classification_metrics
+
+    def score(rows):
+        return classification_metrics([y[i] for i in rows], model.predict(features(rows)).tolist(), names)
+
+    return {
+        "train": score(train)["accuracy"],
+        "val": score(val)["accuracy"],
+        "test": spam_scores(score(test)),
+        "seconds_per_epoch": seconds,
+        "epochs_run": 1,
+        "trainable": int(model.coef_.size + model.intercept_.size),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/SMSSpamCollection")
+    parser.add_argument("--protocols", default="a,b")
+    parser.add_argument("--seeds", default="1,2,3", help="training seeds of the LoRA rows")
+    parser.add_argument("--full-seeds", default="1", help="training seeds of the full fine-tuning rows")
+    parser.add_argument("--epochs", type=int, default=None, help="override the minilm-l6 default")
+    parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if not Path(args.data).is_file():
+        sys.exit(f"accuracy.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
+    out = Path(args.out)
+    results = {}
+    for protocol in args.protocols.split(","):
+        rows = {}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            print(f"[{protocol}] lorafit MiniLM + LoRA r8, seed {seed} ...", flush=True)
+            rows[f"LoRA r8 seed {seed}"] = run_lorafit(args.data, protocol, seed, False, out / f"{protocol}-lora-{seed}", args.epochs)
+            print("   ", rows[f"LoRA r8 seed {seed}"], flush=True)
+        if not args.skip_full:
+            for seed in [int(s) for s in args.full_seeds.split(",")]:
+                print(f"[{protocol}] lorafit MiniLM full fine-tuning, seed {seed} ...", flush=True)
+                rows[f"full fine-tuning seed {seed}"] = run_lorafit(args.data, protocol, seed, True, out / f"{protocol}-full-{seed}", args.epochs)
+                print("   ", rows[f"full fine-tuning seed {seed}"], flush=True)
+        print(f"[{protocol}] TF-IDF + logistic regression ...", flush=True)
+        rows["TF-IDF + LR (C=1)"] = run_tfidf(args.data, protocol)
+        results[protocol] = rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    for protocol, rows in results.items():
+        print(f"\nProtocol ({protocol})\n")
+        print("| model | train acc | val acc | test acc | spam P | spam R | spam F1 | s/epoch | epochs | trainable |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        lora = [r for name, r in rows.items() if name.startswith("LoRA")]
+        table = list(rows.items())
+        if len(lora) > 1:
+            mean = {k: statistics.mean(r["test"][k] for r in lora) for k in ("accuracy", "precision", "recall", "f1")}
+            low = min(r["test"]["accuracy"] for r in lora)
+            print(f"| **LoRA r8, mean of {len(lora)} seeds** (min test acc {low:.2%}) | "
+                  f"{statistics.mean(r['train'] for r in lora):.2%} | {statistics.mean(r['val'] for r in lora):.2%} | "
+                  f"**{mean['accuracy']:.2%}** | {mean['precision']:.3f} | {mean['recall']:.3f} | **{mean['f1']:.3f}** | "
+                  f"{statistics.mean(r['seconds_per_epoch'] for r in lora):.1f} | | {lora[0]['trainable']:,} |")  # fmt: skip
+        for name, r in table:
+            t = r["test"]
+            print(f"| {name} | {r['train']:.2%} | {r['val']:.2%} | {t['accuracy']:.2%} | {t['precision']:.3f} | "
+                  f"{t['recall']:.3f} | {t['f1']:.3f} | {r['seconds_per_epoch']:.1f} | {r['epochs_run']} | {r['trainable']:,} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
