@@ -237,3 +237,30 @@ def test_pretrained_gpt2_offline_is_one_line_and_fast():
     )  # fmt: skip
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--weights PATH" in result.stderr
+
+
+def test_recipe_seed_sets_the_lab_protocol(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--recipe", "seed", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--out", str(out),
+          "--precision", "fp32"])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["split"] == [0.8, 0.1, 0.1] and config["data"]["balance"] is True
+    assert (
+        config["train"]["epochs"] == 1
+        and config["train"]["batch_size"] == 8
+        and config["train"]["seed"] == 42
+    )
+    assert config["lora"]["rank"] == 8 and config["lora"]["alpha"] == 16
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 40 spam + 40 ham after balancing the 120 synthetic rows -> 64 / 8 / 8
+    assert (metrics["train"]["count"], metrics["val"]["count"], metrics["test"]["count"]) == (64, 8, 8)
+
+
+def test_corrupt_adapter_is_a_clear_error(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, sms_file, out, "--epochs", "1")
+    adapter = out / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+    result = run_cli("predict", "--run", str(out), "hello")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "truncated or corrupt" in result.stderr

@@ -35,6 +35,7 @@ from .train import (
     cast_frozen_linears,
     evaluate,
     fit,
+    metrics_from_logits,
     predict_logits,
     resolve_device,
     resolve_precision,
@@ -98,10 +99,6 @@ def _load_splits(
             f"--data {data.source}: {len(indices)} rows leave an empty training or validation split with --split {data.split}"
         )
     return dataset, train, val, test
-
-
-def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    return tokenizer.encode_batch(texts, max_length)
 
 
 def _context_length(spec: ModelSpec) -> int:
@@ -358,10 +355,5 @@ def evaluate_run(
     for name, idx in parts.items():
         texts = [dataset.texts[i] for i in idx]
         logits = classifier.logits(texts, progress=True)
-        targets = torch.as_tensor([class_of[dataset.labels[i]] for i in idx], dtype=torch.long)
-        from .train import classification_metrics
-
-        metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), names)
-        metrics["loss"] = torch.nn.functional.cross_entropy(logits, targets).item() if idx else float("nan")
-        results[name] = metrics
+        results[name] = metrics_from_logits(logits, [class_of[dataset.labels[i]] for i in idx], names)
     return results

@@ -155,9 +155,14 @@ def evaluate(
         progress=progress,
         desc=desc,
     )
+    return metrics_from_logits(logits, labels, label_names)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: Sequence[int], label_names: Sequence[str]) -> dict:
+    """`classification_metrics` of the argmax predictions, plus the mean cross-entropy `loss`."""
     targets = torch.as_tensor(list(labels), dtype=torch.long)
     metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), label_names)
-    metrics["loss"] = F.cross_entropy(logits, targets).item() if len(rows) else float("nan")
+    metrics["loss"] = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
     return metrics
 
 
