@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import pytest
 
 os.environ.setdefault("LORAFIT_OFFLINE", "1")  # never try to download in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LORAFIT_CACHE", tempfile.mkdtemp(prefix="lorafit-test-cache-"))
 
 
 @pytest.fixture

@@ -264,3 +264,20 @@ def test_corrupt_adapter_is_a_clear_error(tiny_gpt2_dir, sms_file, tmp_path, cap
     result = run_cli("predict", "--run", str(out), "hello")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "truncated or corrupt" in result.stderr
+
+
+def test_adapter_refuses_a_different_base(tiny_gpt2_dir, sms_file, tmp_path, capsys, tiny_gpt2_config):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, sms_file, out, "--epochs", "1")
+    assert len(json.loads((out / "config.json").read_text())["model"]["sha256"]) == 64
+    torch.manual_seed(123)  # other base weights of the same shapes, at the same path
+    other = GPT2(tiny_gpt2_config)
+    state = {k: v for k, v in other.state_dict().items() if k != "lm_head.weight"}
+    save_file(
+        gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(tiny_gpt2_dir / "model.safetensors")
+    )
+    result = run_cli("predict", "--run", str(out), "hello")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "refusing to mix them" in result.stderr

@@ -71,9 +71,11 @@ class ModelSpec:
     config: GPT2Config | BertConfig
     tokenizer: str  # "gpt2" or the path of a tokenizer.json
     weights_path: str | None = None  # the safetensors actually loaded (None for random)
+    sha256: str | None = None  # fingerprint of the base weights actually loaded (see `weights_fingerprint`)
 
     def as_dict(self) -> dict:
         return {
+            "sha256": self.sha256,
             "name": self.name,
             "family": self.family,
             "weights": self.weights,
@@ -92,6 +94,7 @@ class ModelSpec:
             weights_path=data.get("weights_path"),
             config=config_from_dict(config_class, data["config"]),
             tokenizer=data["tokenizer"],
+            sha256=data.get("sha256"),
         )
 
 
@@ -199,12 +202,61 @@ def build_classifier(
     """
     torch.manual_seed(seed)
     backbone = build_backbone(spec, device)
+    if device != "meta":
+        spec.sha256 = weights_fingerprint(backbone, spec.weights_path)
     if lora is not None:
         apply_lora(backbone, lora)
     before_head = count_parameters(backbone)
     with torch.device(device):
         model = SequenceClassifier(backbone, num_classes, pooling)
     return model, before_head
+
+
+def _fingerprint_cache() -> Path:
+    return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit")) / "fingerprints.json"
+
+
+def weights_fingerprint(model: nn.Module, source: str | None = None) -> str:
+    """sha256 over every tensor of `model` (name, dtype, shape, bytes; a tied tensor once).
+
+    Hashing GPT-2 124M takes a second or two, so for weights loaded from `source` the result is cached
+    per file (path, size, modification time) in `~/.cache/lorafit/fingerprints.json`.
+    """
+    import hashlib
+
+    from .io import write_json_atomic
+
+    key = None
+    if source:
+        stat = os.stat(source)
+        key = f"{os.path.realpath(source)}:{stat.st_size}:{stat.st_mtime_ns}"
+        try:
+            cached = json.loads(_fingerprint_cache().read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            cached = None
+        if cached:
+            return cached
+    digest = hashlib.sha256()
+    seen = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    result = digest.hexdigest()
+    if key:
+        try:
+            try:
+                cache = json.loads(_fingerprint_cache().read_text())
+            except (OSError, ValueError):
+                cache = {}
+            cache[key] = result
+            write_json_atomic(_fingerprint_cache(), cache)
+        except OSError:
+            pass  # a read-only home only costs the next run a re-hash
+    return result
 
 
 def parameter_report(spec: ModelSpec, lora: LoRAConfig | None, num_classes: int = 2) -> dict[str, dict]:

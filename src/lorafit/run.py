@@ -312,9 +312,15 @@ def load_classifier(
     train = config["train"]
     torch_device = resolve_device(device)
     precision = resolve_precision(precision or "auto", torch_device)
+    expected = spec.sha256
     model, _ = build_classifier(
         spec, len(config["labels"]), config["pooling"], lora, seed=train["seed"], device=torch_device
     )
+    if expected and spec.sha256 != expected:
+        raise LorafitError(
+            f"{run_dir}: the adapter was trained on base {spec.name} (weights sha256 {expected[:12]}...), but the "
+            f"base loaded now ({spec.weights_path or spec.weights}) has sha256 {spec.sha256[:12]}...; refusing to mix them"
+        )
     load_adapter(model, Path(run_dir) / "adapter.safetensors")
     model.eval()
     if lora is not None and merge:
