@@ -33,7 +33,12 @@ DATA_SEED = 123
 
 def spam_scores(metrics: dict) -> dict:
     spam = metrics["per_class"]["spam"]
-    return {"accuracy": metrics["accuracy"], "precision": spam["precision"], "recall": spam["recall"], "f1": spam["f1"]}
+    return {
+        "accuracy": metrics["accuracy"],
+        "precision": spam["precision"],
+        "recall": spam["recall"],
+        "f1": spam["f1"],
+    }
 
 
 def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, epochs: int | None) -> dict:
@@ -70,7 +75,9 @@ def run_tfidf(data: str, protocol: str) -> dict:
     dataset = read_table(data)
     p = PROTOCOLS[protocol]
     indices = balance_classes(dataset.labels, DATA_SEED) if p["balance"] else list(range(len(dataset.texts)))
-    train, val, test = split_indices(indices, p["split"], DATA_SEED, stratify=dataset.labels if p["stratify"] else None)
+    train, val, test = split_indices(
+        indices, p["split"], DATA_SEED, stratify=dataset.labels if p["stratify"] else None
+    )
     fit_rows = train + val if protocol == "b" else train  # (b): the baseline fits on the whole 80 %
     word = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
@@ -85,7 +92,9 @@ def run_tfidf(data: str, protocol: str) -> dict:
         return hstack([word.transform(batch), char.transform(batch)]).tocsr()
 
     start = time.perf_counter()
-    model = LogisticRegression(C=1.0, max_iter=2000).fit(features(fit_rows, fit=True), [y[i] for i in fit_rows])
+    model = LogisticRegression(C=1.0, max_iter=2000).fit(
+        features(fit_rows, fit=True), [y[i] for i in fit_rows]
+    )
     seconds = time.perf_counter() - start
     from lorafit.train import classification_metrics
 
@@ -103,7 +112,9 @@ def run_tfidf(data: str, protocol: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="../shared/data/SMSSpamCollection")
     parser.add_argument("--protocols", default="a,b")
     parser.add_argument("--seeds", default="1,2,3", help="training seeds of the LoRA rows")
@@ -120,12 +131,16 @@ def main() -> None:
         rows = {}
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"[{protocol}] lorafit MiniLM + LoRA r8, seed {seed} ...", flush=True)
-            rows[f"LoRA r8 seed {seed}"] = run_lorafit(args.data, protocol, seed, False, out / f"{protocol}-lora-{seed}", args.epochs)
+            rows[f"LoRA r8 seed {seed}"] = run_lorafit(
+                args.data, protocol, seed, False, out / f"{protocol}-lora-{seed}", args.epochs
+            )
             print("   ", rows[f"LoRA r8 seed {seed}"], flush=True)
         if not args.skip_full:
             for seed in [int(s) for s in args.full_seeds.split(",")]:
                 print(f"[{protocol}] lorafit MiniLM full fine-tuning, seed {seed} ...", flush=True)
-                rows[f"full fine-tuning seed {seed}"] = run_lorafit(args.data, protocol, seed, True, out / f"{protocol}-full-{seed}", args.epochs)
+                rows[f"full fine-tuning seed {seed}"] = run_lorafit(
+                    args.data, protocol, seed, True, out / f"{protocol}-full-{seed}", args.epochs
+                )
                 print("   ", rows[f"full fine-tuning seed {seed}"], flush=True)
         print(f"[{protocol}] TF-IDF + logistic regression ...", flush=True)
         rows["TF-IDF + LR (C=1)"] = run_tfidf(args.data, protocol)
@@ -138,12 +153,17 @@ def main() -> None:
 def print_table(results: dict) -> None:
     for protocol, rows in results.items():
         print(f"\nProtocol ({protocol})\n")
-        print("| model | train acc | val acc | test acc | spam P | spam R | spam F1 | s/epoch | epochs | trainable |")
+        print(
+            "| model | train acc | val acc | test acc | spam P | spam R | spam F1 | s/epoch | epochs | trainable |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         lora = [r for name, r in rows.items() if name.startswith("LoRA")]
         table = list(rows.items())
         if len(lora) > 1:
-            mean = {k: statistics.mean(r["test"][k] for r in lora) for k in ("accuracy", "precision", "recall", "f1")}
+            mean = {
+                k: statistics.mean(r["test"][k] for r in lora)
+                for k in ("accuracy", "precision", "recall", "f1")
+            }
             low = min(r["test"]["accuracy"] for r in lora)
             print(f"| **LoRA r8, mean of {len(lora)} seeds** (min test acc {low:.2%}) | "
                   f"{statistics.mean(r['train'] for r in lora):.2%} | {statistics.mean(r['val'] for r in lora):.2%} | "

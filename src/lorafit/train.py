@@ -221,6 +221,7 @@ def fit(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
+        foreach=True,  # one fused loop over the many small LoRA tensors (the default on CPU is a Python loop)
     )
     batches_per_epoch = math.ceil(len(train.rows) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)

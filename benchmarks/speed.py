@@ -1,0 +1,681 @@
+"""Speed benchmark: lorafit vs the reference lab loop (LLMs-from-scratch) vs Hugging Face + PEFT, on CPU.
+
+All systems fine-tune a randomly initialised GPT-2 124M (timing does not depend on the weight values) with
+LoRA rank 8, alpha 16 on the block linears, batch 8, lr 5e-4, on the same balanced split of the UCI SMS
+Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
+
+  reference           LLMs-from-scratch: ch04 `GPTModel`, out_head -> Linear(768, 2), base frozen, then
+                      appendix E `replace_linear_with_lora`; ch06 `SpamDataset` (every row padded to the longest
+                      training example, ~120 tokens), its training step (`calc_loss_batch`: loss on the last
+                      token's logits; AdamW over `model.parameters()`), fp32; inference: `calc_accuracy_loader`
+                      over the test set in padded batches of 8 under no_grad.
+  lorafit-fp32-padded lorafit's `fit` with `--no-bucketing --precision fp32` behaviour (every batch padded to
+                      the same length as the reference), to isolate the levers.
+  lorafit             lorafit's defaults: length-bucketed batches, bf16 where `resolve_precision("auto")`
+                      picks it (frozen linears stored in bf16, as `lorafit train` does).
+  hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
+                      (fan_in_fan_out), padded to the reference's length, fp32; inference unmerged, batches of 8.
+  hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
+                      inference merged, inference_mode, length-sorted batches of 32.
+
+Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 32).
+
+Measured per system: training seconds per batch over `--batches` batches after 2 warm-up batches, extrapolated
+to one epoch (an EXTRAPOLATION, not a measured epoch), training messages/s and real (unpadded) tokens/s,
+inference messages/s over the 300 test messages, and the peak RSS of the process. Each system runs in its own
+subprocess (this script with `--system NAME`), so the peak RSS is per system.
+
+Timings on a shared 2-core VM drift a lot over minutes, so the parent runs the systems round-robin
+(reference, lorafit, ..., reference, lorafit, ...) for `--repeats` rounds and reports medians.
+
+The real run (roughly half an hour to an hour on 2 idle cores):
+
+    python benchmarks/speed.py --data ../shared/data/SMSSpamCollection
+
+`--smoke` runs the whole pipeline in a minute or so (2-layer, 64-wide GPT-2, 40 training rows, 2 batches,
+1 round); its numbers mean nothing. Needs `pip install --no-deps llms-from-scratch==1.0.19` (its declared requirements would pull
+tensorflow and an older numpy; what it imports is already here) and transformers + peft; a row whose package is missing is skipped with a note. Prints a Markdown table and writes
+benchmarks/results/speed.json (speed-smoke.json with --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DATA_SEED = 123
+SPLIT = (0.7, 0.1, 0.2)
+BATCH_SIZE = 8
+LR = 5e-4
+WEIGHT_DECAY = 0.1
+RANK, ALPHA = 8, 16
+WARMUP_BATCHES = 2
+INFERENCE_BATCH = 32  # lorafit's (and hf-peft-dynamic's) inference batch size
+PAD_ID = 50256  # <|endoftext|>, GPT-2's padding token in the lab, in lorafit and here for HF
+
+GPT2_124M = dict(vocab_size=50257, context_length=1024, d_model=768, n_layer=12, n_head=12)
+GPT2_SMOKE = dict(vocab_size=50257, context_length=1024, d_model=64, n_layer=2, n_head=2)
+SMOKE_TRAIN_ROWS = 40
+
+
+# --------------------------------------------------------------------------------------------------
+# Child side: one system, one process.
+# --------------------------------------------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def trainable_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def timing_result(
+    seconds: float, batches: int, messages: int, real_tokens: int, padded_tokens: int
+) -> dict[str, float]:
+    return {
+        "train_seconds": seconds,
+        "train_batches": batches,
+        "train_messages": messages,
+        "real_tokens": real_tokens,
+        "padded_tokens": padded_tokens,
+        "s_per_batch": seconds / batches,
+        "messages_per_s": messages / seconds,
+        "tokens_per_s": real_tokens / seconds,
+    }
+
+
+def run_reference(job: dict) -> dict:
+    """The lab: ch04 GPTModel + appendix E LoRA, ch06 SpamDataset and training step, fp32."""
+    import torch
+    from llms_from_scratch.appendix_e import replace_linear_with_lora
+    from llms_from_scratch.ch04 import GPTModel
+    from llms_from_scratch.ch06 import SpamDataset, calc_accuracy_loader, calc_loss_batch
+    from torch.utils.data import DataLoader
+
+    from lorafit.tokenizers import gpt2_encoding
+
+    shape = job["model"]
+    cfg = {
+        "vocab_size": shape["vocab_size"],
+        "context_length": shape["context_length"],
+        "emb_dim": shape["d_model"],
+        "n_heads": shape["n_head"],
+        "n_layers": shape["n_layer"],
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+    }
+    device = torch.device("cpu")
+    tokenizer = gpt2_encoding()
+    train_dataset = SpamDataset(job["train_csv"], tokenizer=tokenizer, max_length=None, pad_token_id=PAD_ID)
+    test_dataset = SpamDataset(
+        job["test_csv"], tokenizer=tokenizer, max_length=train_dataset.max_length, pad_token_id=PAD_ID
+    )
+    if train_dataset.max_length != job["max_length"]:
+        print(
+            f"warning: SpamDataset pads to {train_dataset.max_length}, lorafit to {job['max_length']}",
+            file=sys.stderr,
+        )
+    torch.manual_seed(DATA_SEED)
+    train_loader = DataLoader(
+        train_dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=0, drop_last=True
+    )
+    test_loader = DataLoader(
+        test_dataset, batch_size=BATCH_SIZE, shuffle=False, num_workers=0, drop_last=False
+    )
+    needed = WARMUP_BATCHES + job["batches"]
+    if len(train_loader) < needed:
+        raise SystemExit(f"reference: {len(train_loader)} training batches, need {needed}")
+
+    model = GPTModel(cfg)
+    model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)  # as ch06 does
+    for param in model.parameters():  # as appendix E does: freeze, then add LoRA
+        param.requires_grad = False
+    replace_linear_with_lora(model, rank=RANK, alpha=ALPHA)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(input_batch: torch.Tensor, target_batch: torch.Tensor) -> None:
+        # The body of ch06's train_classifier_simple, without its periodic evaluation.
+        optimizer.zero_grad()
+        loss = calc_loss_batch(input_batch, target_batch, model, device)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    batches = iter(train_loader)
+    for _ in range(WARMUP_BATCHES):
+        step(*next(batches))
+    real = padded = 0
+    start = time.perf_counter()
+    for _ in range(job["batches"]):
+        input_batch, target_batch = next(batches)
+        step(input_batch, target_batch)
+        real += int((input_batch != PAD_ID).sum())  # SMS texts never contain <|endoftext|>
+        padded += input_batch.numel()
+    seconds = time.perf_counter() - start
+    result = timing_result(seconds, job["batches"], job["batches"] * BATCH_SIZE, real, padded)
+
+    start = time.perf_counter()
+    accuracy = calc_accuracy_loader(test_loader, model, device)
+    inference_seconds = time.perf_counter() - start
+    return {
+        **result,
+        "precision": "fp32",
+        "pad_to": train_dataset.max_length,
+        "trainable_parameters": trainable_parameters(model),
+        "inference_seconds": inference_seconds,
+        "inference_messages": len(test_dataset),
+        "inference_accuracy_random_weights": accuracy,
+    }
+
+
+def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
+    """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`."""
+    import dataclasses
+
+    import torch
+
+    from lorafit.batching import epoch_batches
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
+    from lorafit.lora import merge_lora
+    from lorafit.train import Split, cast_frozen_linears, fit, predict_logits, resolve_precision
+
+    device = torch.device("cpu")
+    precision = resolve_precision(precision, device)
+    spec = resolve_model("gpt2", "random")
+    spec.config = dataclasses.replace(spec.config, **job["model"])
+    model, _ = build_classifier(
+        spec, 2, "last", LoRAConfig(rank=RANK, alpha=ALPHA), seed=DATA_SEED, device=device
+    )
+    if precision == "bf16":
+        cast_frozen_linears(model, torch.bfloat16)
+    config = resolve_train_config(
+        TrainConfig(
+            epochs=1, batch_size=BATCH_SIZE, lr=LR, seed=DATA_SEED, bucketing=bucketing, log_every=10**9
+        ),
+        "gpt2",
+    )
+    rows, labels = job["train"]["rows"], job["train"]["labels"]
+
+    def split(indices: list[int]) -> Split:
+        return Split([rows[i] for i in indices], [labels[i] for i in indices])
+
+    pad_to = None if bucketing else job["max_length"]
+    tiny_val = split(job["warm_idx"][:BATCH_SIZE])  # fit validates after its epoch; outside its clock
+
+    def run(part: Split) -> float:
+        history = fit(
+            model, part, tiny_val, ["ham", "spam"], config, pad_id=PAD_ID, device=device,
+            precision=precision, pad_to=pad_to, print_fn=lambda line: None,
+        )  # fmt: skip
+        return history[0]["seconds"]
+
+    run(split(job["warm_idx"]))
+    timed = split(job["timed_idx"])
+    seconds = run(timed)
+    lengths = [len(r) for r in timed.rows]
+    widths = [
+        max(pad_to or 0, max(lengths[i] for i in batch))
+        for batch in epoch_batches(lengths, BATCH_SIZE, seed=config.seed, epoch=1, bucketing=bucketing)
+    ]
+    result = timing_result(
+        seconds, len(widths), len(timed.rows), sum(lengths), sum(w * BATCH_SIZE for w in widths)
+    )
+
+    model.eval()
+    merge_lora(model)
+    test_rows = job["test"]["rows"]
+    start = time.perf_counter()
+    predict_logits(
+        model, test_rows, pad_id=PAD_ID, batch_size=INFERENCE_BATCH, device=device, precision=precision
+    )
+    inference_seconds = time.perf_counter() - start
+    return {
+        **result,
+        "precision": precision,
+        "pad_to": pad_to,
+        "trainable_parameters": trainable_parameters(model),
+        "inference_seconds": inference_seconds,
+        "inference_messages": len(test_rows),
+    }
+
+
+def run_hf(job: dict, dynamic: bool) -> dict:
+    """transformers GPT2ForSequenceClassification + PEFT LoRA (c_attn, c_proj, c_fc), fp32."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lorafit.batching import collate, epoch_batches, sorted_batches
+
+    shape = job["model"]
+    torch.manual_seed(DATA_SEED)
+    config = GPT2Config(
+        vocab_size=shape["vocab_size"],
+        n_positions=shape["context_length"],
+        n_embd=shape["d_model"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        resid_pdrop=0.0,  # dropout off, as in the lab and in lorafit's defaults
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=PAD_ID,
+        num_labels=2,
+    )
+    model = GPT2ForSequenceClassification(config)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+    )
+    model = get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+    rows, labels = job["train"]["rows"], job["train"]["labels"]
+    pad_to = None if dynamic else job["max_length"]
+
+    def batches(indices: list[int]) -> list[list[int]]:
+        lengths = [len(rows[i]) for i in indices]
+        order = epoch_batches(lengths, BATCH_SIZE, seed=DATA_SEED, epoch=1, bucketing=False)
+        return [[indices[j] for j in batch] for batch in order]
+
+    def step(batch: list[int]) -> tuple[int, int]:
+        input_ids, attention_mask = collate([rows[i] for i in batch], PAD_ID, pad_to)
+        targets = torch.as_tensor([labels[i] for i in batch], dtype=torch.long)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return int(attention_mask.sum()), attention_mask.numel()
+
+    model.train()
+    for batch in batches(job["warm_idx"]):
+        step(batch)
+    timed = batches(job["timed_idx"])
+    real = padded = 0
+    start = time.perf_counter()
+    for batch in timed:
+        r, p = step(batch)
+        real += r
+        padded += p
+    seconds = time.perf_counter() - start
+    result = timing_result(seconds, len(timed), sum(len(b) for b in timed), real, padded)
+
+    test_rows = job["test"]["rows"]
+    start = time.perf_counter()
+    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches of 32
+        merged = model.merge_and_unload()
+        merged.eval()
+        with torch.inference_mode():
+            for batch in sorted_batches([len(r) for r in test_rows], INFERENCE_BATCH):
+                input_ids, attention_mask = collate([test_rows[i] for i in batch], PAD_ID)
+                merged(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
+    else:  # as the lab: unmerged, no_grad, padded batches of 8 in order
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(test_rows), BATCH_SIZE):
+                chunk = test_rows[i : i + BATCH_SIZE]  # already cut to max_length, as SpamDataset does
+                input_ids, attention_mask = collate(chunk, PAD_ID, job["max_length"])
+                model(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
+    inference_seconds = time.perf_counter() - start
+    return {
+        **result,
+        "precision": "fp32",
+        "pad_to": pad_to,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "inference_seconds": inference_seconds,
+        "inference_messages": len(test_rows),
+    }
+
+
+SYSTEMS: dict[str, dict[str, Any]] = {
+    "reference": {
+        "needs": ["llms_from_scratch"],
+        "run": run_reference,
+        "label": "reference (LLMs-from-scratch, padded to {L}, fp32)",
+    },
+    "lorafit-fp32-padded": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=False, precision="fp32"),
+        "label": "lorafit, padded to {L}, fp32 (--no-bucketing --precision fp32)",
+    },
+    "lorafit": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
+        "label": "lorafit defaults (bucketing, {precision})",
+    },
+    "hf-peft-padded": {
+        "needs": ["transformers", "peft"],
+        "run": lambda job: run_hf(job, dynamic=False),
+        "label": "HF transformers + PEFT, padded to {L}, fp32",
+    },
+    "hf-peft-dynamic": {
+        "needs": ["transformers", "peft"],
+        "run": lambda job: run_hf(job, dynamic=True),
+        "label": "HF transformers + PEFT, per-batch padding, fp32",
+    },
+}
+
+
+def child_main(system: str, job_path: str, result_path: str) -> None:
+    """Run one system (in this process) and write its measurements as JSON."""
+    import torch
+
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["threads"])
+    runner: Callable[[dict], dict] = SYSTEMS[system]["run"]
+    result = runner(job)
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["threads"] = torch.get_num_threads()
+    result["inference_messages_per_s"] = result["inference_messages"] / result["inference_seconds"]
+    Path(result_path).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent side: data, alternation, table.
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_data(path: str, smoke: bool) -> dict:
+    """The balanced seed-123 70/10/20 split, GPT-2 BPE token ids, and the lab's padding length."""
+    from lorafit.data import balance_classes, label_names, read_table, split_indices
+    from lorafit.tokenizers import GPT2Tokenizer
+
+    dataset = read_table(path)
+    names = label_names(dataset.labels)
+    if names != ["ham", "spam"]:
+        raise SystemExit(f"speed.py: {path}: expected the labels ham and spam, got {names}")
+    indices = balance_classes(dataset.labels, DATA_SEED)
+    train_idx, val_idx, test_idx = split_indices(indices, SPLIT, DATA_SEED)
+    sizes = (len(train_idx), len(val_idx), len(test_idx))
+    if smoke:
+        train_idx = train_idx[:SMOKE_TRAIN_ROWS]
+    tokenizer = GPT2Tokenizer()
+    train_texts = [dataset.texts[i] for i in train_idx]
+    test_texts = [dataset.texts[i] for i in test_idx]
+    train_rows, _ = tokenizer.encode_batch(train_texts)
+    max_length = min(GPT2_124M["context_length"], max(len(r) for r in train_rows))
+    test_rows, truncated = tokenizer.encode_batch(test_texts, max_length)
+    return {
+        "split_sizes": sizes,
+        "max_length": max_length,
+        "test_truncated": truncated,
+        "train": {"rows": train_rows, "labels": [names.index(dataset.labels[i]) for i in train_idx]},
+        "test": {"rows": test_rows, "labels": [names.index(dataset.labels[i]) for i in test_idx]},
+        "train_texts": train_texts,
+        "test_texts": test_texts,
+    }
+
+
+def write_lab_csv(path: Path, texts: list[str], labels: list[int]) -> None:
+    """The CSV layout the lab's SpamDataset reads (columns Text, Label; ham 0, spam 1)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Text", "Label"])
+        writer.writerows(zip(texts, labels))
+
+
+def run_child(system: str, job_path: Path, result_path: Path, threads: int) -> dict | None:
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    command = [sys.executable, str(Path(__file__).resolve()), "--system", system, "--job", str(job_path)]
+    command += ["--result", str(result_path)]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not result_path.is_file():
+        tail = "\n    ".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        print(f"  {system}: FAILED (exit {done.returncode}):\n    {tail}", flush=True)
+        return None
+    for line in done.stderr.splitlines():
+        if line.startswith("warning:"):
+            print(f"  {system}: {line}", flush=True)
+    result = json.loads(result_path.read_text())
+    result["wall_seconds"] = time.perf_counter() - start
+    print(
+        f"  {system}: {result['s_per_batch']:.3f} s/batch, {result['messages_per_s']:.2f} msg/s, "
+        f"inference {result['inference_messages_per_s']:.1f} msg/s, peak RSS {result['peak_rss_mib']:,.0f} MiB "
+        f"({result['wall_seconds']:.0f} s in all)",
+        flush=True,
+    )
+    return result
+
+
+MEDIAN_KEYS = (
+    "s_per_batch",
+    "messages_per_s",
+    "tokens_per_s",
+    "inference_messages_per_s",
+    "peak_rss_mib",
+    "padded_tokens",
+    "real_tokens",
+)
+
+
+def summarise(runs: list[dict], epoch_batches: int) -> dict:
+    summary = {key: statistics.median(run[key] for run in runs) for key in MEDIAN_KEYS}
+    summary["s_per_epoch_extrapolated"] = summary["s_per_batch"] * epoch_batches
+    summary["padding_fraction"] = 1 - summary["real_tokens"] / summary["padded_tokens"]
+    summary["precision"] = runs[0]["precision"]
+    summary["trainable_parameters"] = runs[0]["trainable_parameters"]
+    return summary
+
+
+def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_batches: int) -> str:
+    reference = summaries.get("reference")
+    lines = [
+        f"| system | s/epoch (extrapolated, {epoch_batches} batches) | messages/s | real tokens/s | peak RSS "
+        "| inference messages/s | training speed-up vs reference | inference speed-up vs reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in summaries.items():
+        if reference:
+            train_ratio = f"{s['messages_per_s'] / reference['messages_per_s']:.2f}x"
+            infer_ratio = f"{s['inference_messages_per_s'] / reference['inference_messages_per_s']:.2f}x"
+        else:
+            train_ratio = infer_ratio = "n/a"
+        lines.append(
+            f"| {labels[name]} | {s['s_per_epoch_extrapolated']:,.1f} | {s['messages_per_s']:.2f} "
+            f"| {s['tokens_per_s']:,.0f} | {s['peak_rss_mib']:,.0f} MiB | {s['inference_messages_per_s']:.1f} "
+            f"| {train_ratio} | {infer_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    import torch
+
+    from lorafit.train import cpu_has_fast_bf16
+
+    print("$ " + shlex.join([sys.executable, *sys.argv]))
+    if not Path(args.data).is_file():
+        sys.exit(f"speed.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
+    if args.smoke:
+        args.batches, args.repeats = 2, 1
+    if args.batches < 1 or args.repeats < 1 or args.threads < 1:
+        sys.exit("speed.py: --batches, --repeats and --threads must be at least 1")
+
+    data = prepare_data(args.data, args.smoke)
+    n_train = len(data["train"]["rows"])
+    epoch_batches = math.ceil(n_train / BATCH_SIZE)
+    needed = (WARMUP_BATCHES + args.batches) * BATCH_SIZE
+    if needed > n_train - n_train % BATCH_SIZE:
+        sys.exit(f"speed.py: --batches {args.batches} needs {needed} training rows, the split has {n_train}")
+    import numpy as np
+
+    order = np.random.default_rng(DATA_SEED).permutation(n_train).tolist()
+    sizes = data["split_sizes"]
+    print(
+        f"Data: {args.data}: balanced split {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} (seed {DATA_SEED})"
+        + (f"; smoke: first {n_train} training rows" if args.smoke else "")
+        + f"; longest training example {data['max_length']} tokens"
+        + (f" ({data['test_truncated']} test texts cut to it)" if data["test_truncated"] else "")
+    )
+    shape = GPT2_SMOKE if args.smoke else GPT2_124M
+    print(
+        f"Model: GPT-2 random init, {shape['n_layer']} layers x {shape['d_model']} wide"
+        + (" (SMOKE: numbers are meaningless)" if args.smoke else " (124M)")
+        + f"; LoRA r{RANK} alpha {ALPHA}; batch {BATCH_SIZE}; lr {LR:g}"
+    )
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads, fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}"
+    )
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        sys.exit(f"speed.py: unknown system {unknown[0]!r}; choose from {', '.join(SYSTEMS)}")
+    notes = []
+    for name in list(systems):
+        missing = [m for m in SYSTEMS[name]["needs"] if importlib.util.find_spec(m) is None]
+        if missing:
+            note = f"{name}: skipped, {', '.join(missing)} not installed (pip install --no-deps llms-from-scratch==1.0.19; pip install transformers peft)"
+            print("Note: " + note)
+            notes.append(note)
+            systems.remove(name)
+
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    with tempfile.TemporaryDirectory(prefix="lorafit-speed-") as tmp:
+        work = Path(tmp)
+        write_lab_csv(work / "train.csv", data["train_texts"], data["train"]["labels"])
+        write_lab_csv(work / "test.csv", data["test_texts"], data["test"]["labels"])
+        job = {
+            "model": shape,
+            "batches": args.batches,
+            "threads": args.threads,
+            "max_length": data["max_length"],
+            "train": data["train"],
+            "test": data["test"],
+            "warm_idx": order[: WARMUP_BATCHES * BATCH_SIZE],
+            "timed_idx": order[WARMUP_BATCHES * BATCH_SIZE : needed],
+            "train_csv": str(work / "train.csv"),
+            "test_csv": str(work / "test.csv"),
+        }
+        job_path = work / "job.json"
+        job_path.write_text(json.dumps(job))
+        for round_ in range(1, args.repeats + 1):
+            print(f"Round {round_}/{args.repeats}:", flush=True)
+            for name in systems:
+                result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
+                if result is not None:
+                    runs[name].append(result)
+
+    summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
+    labels = {
+        name: SYSTEMS[name]["label"].format(L=data["max_length"], precision=s["precision"])
+        for name, s in summaries.items()
+    }
+    for name, r in runs.items():
+        widths = {run["pad_to"] for run in r} - {None, data["max_length"]}
+        if widths:
+            notes.append(f"{name}: padded to {sorted(widths)}, not to lorafit's {data['max_length']} tokens")
+    if "reference" in systems and "reference" not in summaries:
+        notes.append("reference: every run failed, so there are no ratios")
+    print()
+    print(markdown_table(summaries, labels, epoch_batches))
+    print()
+    print(
+        f"s/epoch is EXTRAPOLATED: median seconds per batch over {args.batches} timed batches (after "
+        f"{WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); the lab's "
+        "drop_last loader runs one fewer); not a measured epoch. Medians over "
+        f"{args.repeats} round(s), systems run round-robin, each in its own process. tokens/s counts real "
+        "(unpadded) tokens; inference is over the test messages."
+    )
+    for note in notes:
+        print("Note: " + note)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / ("speed-smoke.json" if args.smoke else "speed.json")
+    report = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "smoke": args.smoke,
+        "data": {
+            "path": args.data,
+            "split_sizes": sizes,
+            "train_rows_used": n_train,
+            "max_length": data["max_length"],
+        },
+        "model": shape,
+        "lora": {"rank": RANK, "alpha": ALPHA},
+        "batch_size": BATCH_SIZE,
+        "lr": LR,
+        "timed_batches": args.batches,
+        "warmup_batches": WARMUP_BATCHES,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "epoch_batches": epoch_batches,
+        "extrapolated": True,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "fast_bf16": cpu_has_fast_bf16(),
+        },
+        "systems": {
+            name: {"label": labels[name], "median": summaries[name], "runs": runs[name]} for name in summaries
+        },
+        "notes": notes,
+    }
+    file.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Wrote {file}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="../shared/data/SMSSpamCollection")
+    parser.add_argument("--batches", type=int, default=30, help="timed training batches per run (default 30)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="round-robin rounds over the systems (default 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch.set_num_threads in each child (default 2)"
+    )
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, 2 batches, 1 round: checks the plumbing"
+    )
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # child mode: run one system
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.system:
+        child_main(args.system, args.job, args.result)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
