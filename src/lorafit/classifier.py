@@ -99,13 +99,11 @@ class ModelSpec:
 
 
 def _read_hf_config(directory: Path) -> dict:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise LorafitError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorafitError(f"{file}: not valid JSON ({e})") from None
+    from .io import read_json
+
+    return read_json(
+        directory / "config.json", f"{directory}: no config.json (expected a Hugging Face model directory)"
+    )
 
 
 def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:

@@ -43,3 +43,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises LorafitError(`missing`), bad JSON names the file."""
+    from .errors import LorafitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{path}: not valid JSON ({e})") from None

@@ -28,7 +28,7 @@ from .classifier import (
 from .config import LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
 from .data import TextDataset, balance_classes, label_names, load_dataset, split_indices
 from .errors import LorafitError
-from .io import write_json_atomic
+from .io import read_json, write_json_atomic
 from .lora import merge_lora
 from .train import (
     Split,
@@ -292,14 +292,10 @@ class Classifier:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
-    run_dir = Path(run_dir)
-    file = run_dir / "config.json"
-    if not file.is_file():
-        raise LorafitError(f"{run_dir}: not a lorafit run directory (no config.json)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorafitError(f"{file}: not valid JSON ({e})") from None
+    """The `config.json` of a run directory."""
+    return read_json(
+        Path(run_dir) / "config.json", f"{run_dir}: not a lorafit run directory (no config.json)"
+    )
 
 
 def load_classifier(
