@@ -77,20 +77,16 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path, tiny_gpt2_config):
         load_gpt2_weights(GPT2(tiny_gpt2_config), tmp_path / "w.safetensors")
 
 
-def test_offline_download_fails_fast_with_one_line(monkeypatch):
-    import time
-
+def test_offline_download_fails_with_one_line(monkeypatch):
     from lorafit.models import gpt2
 
     monkeypatch.setattr(gpt2, "_host_resolves", lambda host: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-lorafit-test-cache")
-    start = time.perf_counter()
     with pytest.raises(LorafitError) as info:
         gpt2.download_gpt2("gpt2")
     message = str(info.value)
     assert "could not download the gpt2 weights" in message and "--weights PATH" in message
     assert "\n" not in message
-    assert time.perf_counter() - start < 30  # generous: this guards against a hang, not a speed goal
 
 
 def test_tokenizer_known_ids():
