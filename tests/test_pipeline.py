@@ -281,3 +281,16 @@ def test_adapter_refuses_a_different_base(tiny_gpt2_dir, sms_file, tmp_path, cap
     result = run_cli("predict", "--run", str(out), "hello")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "refusing to mix them" in result.stderr
+
+
+def test_eval_refuses_unknown_labels(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, sms_file, out, "--epochs", "1")
+    capsys.readouterr()
+    other = tmp_path / "other.tsv"
+    other.write_text("ham\tsee you soon\npromo\tbig sale today\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--run", str(out), "--data", str(other)])
+    assert info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "label 'promo' was not among the run's labels (ham, spam)" in error[0]
