@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
@@ -307,7 +306,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                     f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
-
-
-def softmax_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits.float(), dim=-1)

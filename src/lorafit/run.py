@@ -29,7 +29,7 @@ from .config import LoRAConfig, TrainConfig, config_from_dict, resolve_train_con
 from .data import TextDataset, balance_classes, label_names, load_dataset, split_indices
 from .errors import LorafitError
 from .io import read_json, write_json_atomic
-from .lora import merge_lora
+from .lora import count_parameters, merge_lora
 from .train import (
     Split,
     cast_frozen_linears,
@@ -158,7 +158,7 @@ def train_run(options: RunOptions, log=print) -> Path:
         spec, len(names), pooling, options.lora, seed=train_config.seed, device=device
     )
     seed_everything(train_config.seed)
-    report = {"before_head": before_head.as_dict(), "after_head": _count(model)}
+    report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
     log(format_parameter_report(report))
     if precision == "bf16":
         cast_frozen_linears(model, torch.bfloat16)
@@ -218,12 +218,6 @@ def train_run(options: RunOptions, log=print) -> Path:
             log(f"  {result['label']:>6} {result['probabilities'][result['label']]:.3f}  {text[:70]}")
     log(f"Run saved to {run_dir}")
     return run_dir
-
-
-def _count(model) -> dict:
-    from .lora import count_parameters
-
-    return count_parameters(model).as_dict()
 
 
 def format_parameter_report(report: dict) -> str:
