@@ -20,6 +20,39 @@ def tiny_gpt2_config():
     return GPT2Config(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=4)
 
 
+@pytest.fixture
+def tiny_gpt2_dir(tmp_path, tiny_gpt2_config):
+    """A Hugging Face-format GPT-2 directory holding a tiny random model."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lorafit import GPT2
+    from lorafit.models.gpt2 import gpt2_state_dict_to_hf
+
+    torch.manual_seed(0)
+    model = GPT2(tiny_gpt2_config)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    directory = tmp_path / "tiny-gpt2"
+    directory.mkdir()
+    save_file(gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(directory / "model.safetensors"))
+    c = tiny_gpt2_config
+    (directory / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="gpt2",
+                vocab_size=c.vocab_size,
+                n_positions=c.context_length,
+                n_embd=c.d_model,
+                n_layer=c.n_layer,
+                n_head=c.n_head,
+            )
+        )  # fmt: skip
+    )
+    return directory
+
+
 def synthetic_sms(n: int = 120, seed: int = 0) -> list[tuple[str, str]]:
     """A learnable two-class corpus: 'spam' rows mention prizes and numbers, 'ham' rows everyday plans."""
     rng = random.Random(seed)

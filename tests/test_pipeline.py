@@ -19,33 +19,6 @@ from lorafit.lora import apply_lora
 from lorafit.models.gpt2 import gpt2_state_dict_to_hf
 
 
-@pytest.fixture
-def tiny_gpt2_dir(tmp_path, tiny_gpt2_config):
-    """A Hugging Face-format GPT-2 directory holding a tiny random model."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = GPT2(tiny_gpt2_config)
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    directory = tmp_path / "tiny-gpt2"
-    directory.mkdir()
-    save_file(gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(directory / "model.safetensors"))
-    c = tiny_gpt2_config
-    (directory / "config.json").write_text(
-        json.dumps(
-            dict(
-                model_type="gpt2",
-                vocab_size=c.vocab_size,
-                n_positions=c.context_length,
-                n_embd=c.d_model,
-                n_layer=c.n_layer,
-                n_head=c.n_head,
-            )
-        )  # fmt: skip
-    )
-    return directory
-
-
 def train_tiny(tiny_gpt2_dir, sms_file, out, *extra):
     main(["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--epochs", "2", "--lr", "3e-3",
           "--lora-rank", "4", "--out", str(out), "--log-every", "5", "--precision", "fp32", *extra])  # fmt: skip

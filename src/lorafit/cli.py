@@ -134,8 +134,22 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune and write a run directory."""
     from .data import parse_split
-    from .run import RunOptions, train_run
+    from .run import RunOptions, resume_run, train_run
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.resume:
+        # A resumed run must be the run that was started: its settings come from its config.json.
+        defaults = vars(build_parser().parse_args(["train"]))
+        allowed = {"resume", "threads", "device", "func"}
+        changed = [k for k, v in vars(args).items() if k not in allowed and v != defaults.get(k)]
+        if changed:
+            option = "--" + changed[0].replace("_", "-")
+            raise LorafitError(f"--resume takes every setting from the run's config.json; drop {option}")
+        resume_run(args.resume)
+        return
     if args.recipe:
         for key, value in RECIPES[args.recipe].items():
             if getattr(args, key) is None:
@@ -163,13 +177,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         keep_best=args.keep_best,
         device=args.device,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.checkpoint_every < 0:
+        raise LorafitError(
+            f"--checkpoint-every must be 0 (epoch ends only) or more, got {args.checkpoint_every}"
+        )
     options = RunOptions(
         model=args.model, weights=args.weights, pooling=args.pooling, lora=lora_config_from(args), train=train,
         data=data, max_length=args.max_length, out=args.out, examples=args.examples,
+        checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
     train_run(options)
 
@@ -234,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("train", help="fine-tune a classifier and write a run directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = sub.add_parser("train", help="fine-tune a classifier and write a run directory")
     add_model_options(p)
     p.add_argument("--pooling", choices=("last", "mean", "cls", "pooler"), default=None,
                    help="how a row becomes one vector: last (GPT-2 default), mean (BERT default), cls, pooler")  # fmt: skip
@@ -259,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)"
     )
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for off (default 1.0)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step (default 1)")
     g.add_argument("--scheduler", choices=("constant", "linear", "cosine"), default=None,
                    help="learning-rate schedule (default: constant GPT-2, linear BERT)")  # fmt: skip
     g.add_argument(
@@ -274,15 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore the epoch with the lowest validation loss (default: off GPT-2, on BERT)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
-    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--eval-batch-size", type=int, default=32, help="rows per evaluation batch (default 32)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
+                   help="auto (default): bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
     g.add_argument("--no-bucketing", action="store_true",
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
-    g.add_argument("--examples", type=int, default=5, help="example predictions printed at the end")
+    g.add_argument(
+        "--examples", type=int, default=5, help="example predictions printed at the end (default 5)"
+    )
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N batches (every epoch end always checkpoints)")  # fmt: skip
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the interrupted run in DIR from its last checkpoint (takes no other settings)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="recompute a run's metrics")

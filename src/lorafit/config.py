@@ -73,6 +73,12 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     blocks: list[int] | None = None  # None: every block
+    # Per-module exceptions, keyed by the module's path in the backbone (e.g. "blocks.0.attn.query"), as
+    # PEFT's rank_pattern / alpha_pattern. Adapters imported from PEFT need them; training never sets them.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # Backbone modules trained (and saved in the adapter) in full, as PEFT's modules_to_save (e.g. "ln_f").
+    modules_to_save: list[str] = field(default_factory=list)
 
     @property
     def scaling(self) -> float:

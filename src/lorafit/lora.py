@@ -128,7 +128,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             linear = _get_submodule(block, path)
             if isinstance(linear, LoRALinear):
                 continue
-            _set_submodule(block, path, LoRALinear(linear, config.rank, config.alpha, config.dropout))
+            key = f"blocks.{i}.{path}"
+            rank = config.rank_pattern.get(key, config.rank)
+            alpha = config.alpha_pattern.get(key, config.alpha)
+            _set_submodule(block, path, LoRALinear(linear, rank, alpha, config.dropout))
+    for path in config.modules_to_save:
+        try:
+            _get_submodule(backbone, path).requires_grad_(True)
+        except AttributeError:
+            raise LorafitError(f"modules_to_save: the model has no module {path!r}") from None
     return model
 
 

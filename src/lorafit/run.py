@@ -28,7 +28,7 @@ from .classifier import (
 from .config import LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
 from .data import TextDataset, balance_classes, label_names, load_dataset, split_indices
 from .errors import LorafitError
-from .io import read_json, write_json_atomic
+from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .train import (
     Split,
@@ -75,6 +75,59 @@ class RunOptions:
     max_length: int | None = None
     out: str | None = None
     examples: int = 0  # example predictions printed at the end
+    checkpoint_every: int = 0  # also checkpoint every N batches (epoch ends always checkpoint)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOptions:
+    """The RunOptions that wrote a run's `config.json` (to resume it)."""
+    saved = config["data"]
+    return RunOptions(
+        model=config["model"]["name"],
+        weights=config["model"]["weights"],
+        pooling=config["pooling"],
+        lora=config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None,
+        train=config_from_dict(TrainConfig, config["train"]),
+        data=config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])}),
+        max_length=config["max_length"],
+        out=str(run_dir),
+        examples=config.get("examples", 0),
+        checkpoint_every=config.get("checkpoint_every", 0),
+    )
+
+
+def _data_fingerprint(dataset: TextDataset, parts: list[list[int]]) -> str:
+    """sha256 over the texts and labels of each split, in order: resuming on other data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(b"\x00split")
+        for i in part:
+            digest.update(f"{dataset.labels[i]}\t{dataset.texts[i]}\x00".encode())
+    return digest.hexdigest()
+
+
+def resume_run(run_dir: str | os.PathLike, log=print) -> Path:
+    """Continue an interrupted `train_run` from the last checkpoint in `run_dir`."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        if (run_dir / "metrics.json").is_file():
+            raise LorafitError(f"--resume {run_dir}: this run already finished (metrics.json is written)")
+        raise LorafitError(
+            f"--resume {run_dir}: no {CHECKPOINT} (the run stopped before its first checkpoint); start it again"
+        )
+    return train_run(options_from_run_config(config, run_dir), log=log, resume=True)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: torch raises several types
+        raise LorafitError(f"{path}: checkpoint is unreadable ({str(e).splitlines()[0][:200]})") from None
 
 
 def _load_splits(
@@ -112,8 +165,11 @@ def _plot(run_dir: Path, history: list[dict], steps: list[dict]) -> None:
     plot_accuracy(history, run_dir / "accuracy.png")
 
 
-def train_run(options: RunOptions, log=print) -> Path:
-    """Train a classifier as `options` say and write its run directory; returns the directory."""
+def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
+    """Train a classifier as `options` say and write its run directory; returns the directory.
+
+    With `resume`, `options.out` is an interrupted run: training continues from its `checkpoint.pt`
+    (written at each epoch end and every `options.checkpoint_every` batches)."""
     train_config = options.train
     data_seed = options.data.seed if options.data.seed is not None else train_config.seed
     spec = resolve_model(options.model, options.weights)
@@ -165,6 +221,22 @@ def train_run(options: RunOptions, log=print) -> Path:
     log(f"Device: {device} | precision: {precision} | bucketing: {'on' if train_config.bucketing else 'off'}")
 
     run_dir = Path(options.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])
+    checkpoint_path = run_dir / CHECKPOINT
+    resume_state = None
+    if resume:
+        saved = read_run_config(run_dir)
+        if saved["data"].get("sha256") not in (None, data_sha256):
+            raise LorafitError(
+                f"--resume {run_dir}: the data ({dataset.source}) differs from the data this run started on"
+            )
+        if saved["model"].get("sha256") not in (None, spec.sha256):
+            raise LorafitError(
+                f"--resume {run_dir}: the base weights ({spec.weights_path or spec.weights}) differ from those "
+                f"this run started on (sha256 {saved['model']['sha256'][:12]}...)"
+            )
+        resume_state = _load_checkpoint(checkpoint_path)
+        log(f"Resuming {run_dir} at epoch {resume_state['epoch']}, batch {resume_state['batch']}")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "lorafit_version": __version__,
@@ -177,13 +249,21 @@ def train_run(options: RunOptions, log=print) -> Path:
         "precision": precision,
         "data": {**asdict(options.data), "seed": data_seed, "description": dataset.source},
         "parameters": report,
+        "examples": options.examples,
+        "checkpoint_every": options.checkpoint_every,
     }
-    write_json_atomic(run_dir / "config.json", run_config)
-    write_json_atomic(run_dir / "labels.json", names)
-
-    steps: list[dict] = []
+    run_config["data"]["sha256"] = data_sha256
     log_path = run_dir / "log.jsonl"
-    log_path.write_text("")
+    if resume_state is None:
+        write_json_atomic(run_dir / "config.json", run_config)
+        write_json_atomic(run_dir / "labels.json", names)
+        log_path.write_text("")
+        steps: list[dict] = []
+    else:  # drop what was logged after the checkpoint: those batches run again
+        with open(log_path, "r+b") as f:
+            f.truncate(resume_state["log_bytes"])
+        records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+        steps = [r for r in records if r["type"] == "batch"]
 
     def on_record(record: dict) -> None:
         if record["type"] == "batch":
@@ -191,10 +271,21 @@ def train_run(options: RunOptions, log=print) -> Path:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    history = fit(
-        model, splits["train"], splits["val"], names, train_config, pad_id=tokenizer.pad_id, device=device,
-        precision=precision, pad_to=None if train_config.bucketing else max_length, on_record=on_record,
-    )  # fmt: skip
+    def save_checkpoint(state: dict) -> None:
+        state["log_bytes"] = log_path.stat().st_size
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    try:
+        history = fit(
+            model, splits["train"], splits["val"], names, train_config, pad_id=tokenizer.pad_id, device=device,
+            precision=precision, pad_to=None if train_config.bucketing else max_length, on_record=on_record,
+            checkpoint=save_checkpoint, checkpoint_every=options.checkpoint_every, resume=resume_state,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if checkpoint_path.is_file():
+            log(f"Interrupted; continue with: lorafit train --resume {run_dir}")
+        raise
     save_adapter(model, run_dir / "adapter.safetensors", metadata={"lorafit_version": __version__})
 
     metrics = {}
@@ -216,6 +307,7 @@ def train_run(options: RunOptions, log=print) -> Path:
         texts = splits["test"].texts[: options.examples] or splits["val"].texts[: options.examples]
         for text, result in zip(texts, classifier.predict(texts)):
             log(f"  {result['label']:>6} {result['probabilities'][result['label']]:.3f}  {text[:70]}")
+    checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
     log(f"Run saved to {run_dir}")
     return run_dir
 

@@ -207,14 +207,22 @@ def fit(
     pad_to: int | None = None,
     on_record: Callable[[dict], None] = lambda record: None,
     print_fn: Callable[[str], None] = tqdm.write,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: dict | None = None,
 ) -> list[dict]:
     """Train the trainable parameters of `model` on `train`, validating after each epoch.
 
     Prints the lab's lines (`Epoch 1 | Batch 10 | Loss: 1.2277` every `log_every` batches, then the epoch
     summary and the validation result), hands each record to `on_record`, and returns one dict per epoch.
     With `keep_best`, the trainable weights of the epoch with the lowest validation loss are restored.
+
+    `checkpoint(state)` is called at each epoch end and, when `checkpoint_every` > 0, at the first optimiser
+    step after every `checkpoint_every` batches; `state` (tensors, numbers, lists: `torch.save`-able and
+    loadable with `weights_only=True`) passed back as `resume` continues training exactly where it was.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
     # No weight decay on biases and LayerNorm weights (as GPT-2 and BERT were trained).
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -229,23 +237,63 @@ def fit(
     lengths = [len(r) for r in train.rows]
     history: list[dict] = []
     best_loss, best_state = float("inf"), None
+    # Where training stands: the next epoch, batches of it already done, and that epoch's running sums.
+    epoch, done, loss_sum, correct, seen, elapsed = 1, 0, 0.0, 0, 0, 0.0
 
-    for epoch in range(1, config.epochs + 1):
+    if resume is not None:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(resume["trainable"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        history = list(resume["history"])
+        best_loss = resume["best_loss"]
+        best_state = resume["best_state"]
+        epoch, done = resume["epoch"], resume["batch"]
+        loss_sum, correct, seen, elapsed = (
+            resume["loss_sum"],
+            resume["correct"],
+            resume["seen"],
+            resume["elapsed"],
+        )
+
+    def state(epoch: int, batch: int, elapsed: float) -> dict:
+        return {
+            "epoch": epoch,
+            "batch": batch,
+            "trainable": {name: p.detach().clone() for name, p in named},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "best_loss": best_loss,
+            "best_state": best_state,
+            "loss_sum": loss_sum,
+            "correct": correct,
+            "seen": seen,
+            "elapsed": elapsed,
+        }
+
+    while epoch <= config.epochs:
         model.train()
         batches = epoch_batches(
             lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing
         )
-        start = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(batches, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False)
-        for index, batch in enumerate(bar, start=1):
+        start = time.perf_counter() - elapsed
+        since_checkpoint = 0
+        bar = tqdm(
+            total=len(batches), initial=done, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False
+        )
+        for index, batch in enumerate(batches[done:], start=done + 1):
             input_ids, attention_mask = collate([train.rows[i] for i in batch], pad_id, pad_to)
             targets = torch.as_tensor([train.labels[i] for i in batch], dtype=torch.long, device=device)
             with autocast(device, precision):
                 logits = model(input_ids.to(device), attention_mask.to(device))
             loss = F.cross_entropy(logits.float(), targets)
             (loss / config.grad_accum).backward()
-            if index % config.grad_accum == 0 or index == len(batches):
+            stepped = index % config.grad_accum == 0 or index == len(batches)
+            if stepped:
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
@@ -255,10 +303,17 @@ def fit(
             loss_sum += batch_loss * len(batch)
             correct += int((logits.argmax(-1) == targets).sum())
             seen += len(batch)
+            bar.update(1)
             bar.set_postfix(loss=f"{batch_loss:.4f}", acc=f"{correct / seen:.2%}")
             if index % config.log_every == 0:
                 print_fn(f"Epoch {epoch} | Batch {index} | Loss: {batch_loss:.4f}")
                 on_record({"type": "batch", "epoch": epoch, "batch": index, "loss": batch_loss})
+            since_checkpoint += 1
+            if checkpoint and checkpoint_every and stepped and since_checkpoint >= checkpoint_every:
+                if index < len(batches):  # the epoch end checkpoints anyway, after validation
+                    checkpoint(state(epoch, index, time.perf_counter() - start))
+                since_checkpoint = 0
+        bar.close()
         seconds = time.perf_counter() - start
         train_loss, train_accuracy = loss_sum / seen, correct / seen
         print_fn(
@@ -283,11 +338,14 @@ def fit(
         on_record({"type": "epoch", **record})
         if config.keep_best and result["loss"] < best_loss:
             best_loss = result["loss"]
-            best_state = {id(p): p.detach().clone() for p in trainable}
+            best_state = {name: p.detach().clone() for name, p in named}
+        epoch, done, loss_sum, correct, seen, elapsed = epoch + 1, 0, 0.0, 0, 0, 0.0
+        if checkpoint:
+            checkpoint(state(epoch, 0, 0.0))
     if config.keep_best and best_state is not None and len(history) > 1:
-        best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
+        best = min(history, key=lambda r: r["val_loss"])
         with torch.no_grad():
-            for p in trainable:
-                p.copy_(best_state[id(p)])
-        print_fn(f"Keeping epoch {best_epoch} (lowest validation loss {best_loss:.4f})")
+            for name, p in named:
+                p.copy_(best_state[name])
+        print_fn(f"Keeping epoch {best['epoch']} (lowest validation loss {best_loss:.4f})")
     return history
