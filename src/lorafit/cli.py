@@ -1,4 +1,4 @@
-"""Command line: `lorafit params | train | eval | predict` (one function per subcommand)."""
+"""Command line: `lorafit params | train | eval | predict | export | import` (one function per subcommand)."""
 
 from __future__ import annotations
 
@@ -231,6 +231,36 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}")
 
 
+def _check_out_dir(out: str, marker: str) -> None:
+    """Refuse to write into a non-empty directory that lorafit did not write (its files would be clobbered)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LorafitError(f"--out {out}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise LorafitError(f"--out {out}: directory is not empty (choose a new directory)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a run as a Hugging Face PEFT adapter or as a merged Hugging Face model."""
+    from .interop import export_merged, export_peft
+
+    _check_out_dir(args.out, "lorafit_export.json")
+    out = export_peft(args.run, args.out) if args.format == "peft" else export_merged(args.run, args.out)
+    print(f"Exported {args.run} ({args.format}) to {out}; see {out}/README.md to load it")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """Turn a PEFT LoRA adapter into a lorafit run directory (for eval / predict)."""
+    from .interop import import_peft
+
+    _check_out_dir(args.out, "config.json")
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    out = import_peft(args.peft, args.out, base=args.base, weights=args.weights, labels=labels)
+    print(f'Imported {args.peft} into {out}; try: lorafit predict --run {out} "some text"')
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -320,6 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a run as a PEFT adapter or a merged Hugging Face model")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--format", choices=("peft", "merged"), required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors for peft.PeftModel; merged: "
+                        "config.json + model.safetensors for transformers' *ForSequenceClassification")  # fmt: skip
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="turn a PEFT LoRA adapter into a lorafit run directory")
+    p.add_argument("--peft", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
+    p.add_argument("--base", default=None,
+                   help="base model as for train --model (default: the adapter's base_model_name_or_path)")  # fmt: skip
+    p.add_argument("--weights", default="pretrained", help="base weights, as for train --weights")
+    p.add_argument(
+        "--labels", default=None, help="comma-separated label names in class order (default LABEL_0,...)"
+    )
+    p.add_argument("--out", required=True, help="run directory to write (new or empty)")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

