@@ -1,0 +1,140 @@
+"""Bad input through the real CLI (a subprocess each): one line on stderr naming the file, row or option,
+exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import synthetic_sms
+
+from lorafit.cli import main
+
+GOOD_ROWS = "".join(f"{label}\t{text}\n" for label, text in synthetic_sms(40))
+
+# name -> file content (None: the path is a directory; absent from the dict: the file does not exist)
+DATA_FILES = {
+    "empty.tsv": "",
+    "latin1.tsv": b"ham\thello there\nspam\tWIN caf\xe9 prize\n" * 10,
+    "header.csv": "id,words,kind\n"
+    + "".join(f"{i},{t},{label}\n" for i, (label, t) in enumerate(synthetic_sms(20))),
+    "named.csv": "label,message\n" + "".join(f"{label},{text}\n" for label, text in synthetic_sms(20)),
+    "no_label.tsv": "ham\thi\n\tno label here\n" + GOOD_ROWS,
+    "empty_text.tsv": "ham\thi\nspam\t   \n" + GOOD_ROWS,
+    "one_class.tsv": "ham\thi there\nham\tsee you\n" * 10,
+    "folder.tsv": None,
+    "weights.txt": "this is not a safetensors file",
+}
+
+CASES = [
+    # (argv after "train --model TINY", file the case needs, expected fragment)
+    (["--data", "{tmp}/missing.tsv"], "missing.tsv: no such file"),
+    (["--data", "{tmp}/empty.tsv"], "empty.tsv: the file is empty"),
+    (["--data", "{tmp}/folder.tsv"], "folder.tsv: is a directory"),
+    (["--data", "{tmp}/latin1.tsv"], "latin1.tsv: line 2: not valid utf-8"),
+    (["--data", "{tmp}/latin1.tsv", "--encoding", "klingon"], "unknown encoding 'klingon'"),
+    (["--data", "{tmp}/header.csv"], "no header row and 3 column(s)"),
+    (["--data", "{tmp}/header.csv", "--text-column", "words"], "cannot tell which column holds the label (columns: 'id', 'words', 'kind')"),
+    (["--data", "{tmp}/named.csv", "--text-column", "body"], "no text column named 'body' (columns: 'label', 'message')"),
+    (["--data", "{tmp}/no_label.tsv", "--strict"], "no_label.tsv: line 2: missing label"),
+    (["--data", "{tmp}/empty_text.tsv", "--strict"], "empty_text.tsv: line 2: empty text"),
+    (["--data", "{tmp}/one_class.tsv"], "every row has the label 'ham'; a classifier needs at least 2 classes"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be positive"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--lora-targets", "q,attn"], "--lora-targets: unknown attn"),
+    (["--lora-blocks", "7"], "--lora-blocks: block 7 does not exist (the model has 2 blocks)"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--split", "0.5,0.2,0.2"], "--split must be three fractions train,val,test that sum to 1"),
+    (["--split", "0.9,0.1"], "--split"),
+    (["--warmup", "1.5"], "--warmup must be in [0, 1), got 1.5"),
+    (["--max-length", "0"], "--max-length must be between 1 and the model's context 64, got 0"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
+    (["--pooling", "pooler"], "--pooling pooler needs a BERT checkpoint with a pooler"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--weights", "{tmp}/weights.txt"], "weights.txt: not a readable safetensors file"),
+    (["--weights", "{tmp}/wide/model.safetensors"], "tensor for wte.weight has shape (50257, 48), the model expects (50257, 32)"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def bad_files(tmp_path, tiny_gpt2_dir):
+    from safetensors.torch import save_file
+
+    from lorafit import GPT2
+    from lorafit.config import GPT2Config
+    from lorafit.models.gpt2 import gpt2_state_dict_to_hf
+
+    for name, content in DATA_FILES.items():
+        path = tmp_path / name
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    (tmp_path / "good.tsv").write_text(GOOD_ROWS, encoding="utf-8")
+    wide = GPT2(GPT2Config(vocab_size=50257, context_length=64, d_model=48, n_layer=2, n_head=4))
+    state = {k: v for k, v in wide.state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "wide").mkdir()
+    save_file(gpt2_state_dict_to_hf(state, 2), str(tmp_path / "wide" / "model.safetensors"))
+    return tmp_path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, (result.returncode, result.stderr[-1000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("lorafit: error: ") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, fragment", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_train_bad_input(bad_files, tiny_gpt2_dir, argv, fragment):
+    argv = [a.format(tmp=bad_files) for a in argv]
+    if "--data" not in argv:
+        argv += ["--data", str(bad_files / "good.tsv")]
+    out = bad_files / "run"
+    result = run_cli("train", "--model", str(tiny_gpt2_dir), "--out", str(out), *argv)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()  # nothing written
+
+
+def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
+    run = bad_files / "run"
+    main(["train", "--model", str(tiny_gpt2_dir), "--data", str(bad_files / "good.tsv"), "--epochs", "1",
+          "--out", str(run), "--precision", "fp32", "--examples", "0"])  # fmt: skip
+    (bad_files / "promo.tsv").write_text("ham\tsee you\npromo\tbig sale\n", encoding="utf-8")
+    for argv, fragment in (
+        (["eval", "--run", str(run), "--data", str(bad_files / "promo.tsv")], "label 'promo' was not among the run's labels (ham, spam)"),
+        (["eval", "--run", str(bad_files / "nowhere")], "nowhere: not a lorafit run directory (no config.json)"),
+        (["predict", "--run", str(run)], "nothing to predict"),
+        (["predict", "--run", str(run), "--file", str(bad_files / "missing.txt")], "--file"),
+        (["predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv")], "not utf-8 text (try --encoding latin-1)"),
+        (["export", "--run", str(run), "--format", "onnx", "--out", str(bad_files / "x")], "argument --format: invalid choice"),
+    ):  # fmt: skip
+        assert_one_line_error(run_cli(*argv), fragment)
+    result = run_cli(
+        "predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv"), "--encoding", "latin-1"
+    )
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 20
+
+
+def test_skipped_and_truncated_rows_are_reported(bad_files, tiny_gpt2_dir, capsys):
+    main(["train", "--model", str(tiny_gpt2_dir), "--data", str(bad_files / "no_label.tsv"), "--epochs", "1",
+          "--max-length", "6", "--out", str(bad_files / "run"), "--precision", "fp32", "--examples", "0"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "(1 skipped)" in printed
+    config = json.loads((bad_files / "run" / "config.json").read_text())
+    assert config["max_length"] == 6
+    truncated = [line for line in printed.splitlines() if line.startswith("Tokens:")]
+    assert truncated and "texts truncated to it" in truncated[0], printed
+    assert int(truncated[0].split("; ")[1].split()[0]) > 0
