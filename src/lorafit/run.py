@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .classifier import (
     ModelSpec,
     SequenceClassifier,
@@ -176,7 +176,13 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     train_config = resolve_train_config(train_config, spec.family)
     validate_train_config(train_config)
     pooling = options.pooling or default_pooling(spec.family)
-    device = resolve_device(train_config.device)
+    if distributed.launched_by_torchrun():  # data-parallel: one process per device (see distributed.py)
+        device = distributed.init(train_config.device)
+        if not distributed.is_main():
+            log = lambda *args: None  # noqa: E731  (only rank 0 prints and writes)
+    else:
+        device = resolve_device(train_config.device)
+    main = distributed.is_main()
     precision = resolve_precision(train_config.precision, device)
 
     dataset, train_idx, val_idx, test_idx = _load_splits(options.data, data_seed, log)
@@ -220,8 +226,10 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
         cast_frozen_linears(model, torch.bfloat16)
     log(f"Device: {device} | precision: {precision} | bucketing: {'on' if train_config.bucketing else 'off'}")
 
-    run_dir = Path(options.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(distributed.broadcast(options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
     data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])
+    settings = {**asdict(options), "out": None, "data_sha256": data_sha256, "base_sha256": spec.sha256}
+    distributed.check_same_settings({**settings, "lorafit_version": __version__})
     checkpoint_path = run_dir / CHECKPOINT
     resume_state = None
     if resume:
@@ -237,7 +245,8 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
             )
         resume_state = _load_checkpoint(checkpoint_path)
         log(f"Resuming {run_dir} at epoch {resume_state['epoch']}, batch {resume_state['batch']}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "lorafit_version": __version__,
         "model": spec.as_dict(),
@@ -254,24 +263,28 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     }
     run_config["data"]["sha256"] = data_sha256
     log_path = run_dir / "log.jsonl"
-    if resume_state is None:
+    steps: list[dict] = []
+    if main and resume_state is None:
         write_json_atomic(run_dir / "config.json", run_config)
         write_json_atomic(run_dir / "labels.json", names)
         log_path.write_text("")
-        steps: list[dict] = []
-    else:  # drop what was logged after the checkpoint: those batches run again
+    elif main:  # drop what was logged after the checkpoint: those batches run again
         with open(log_path, "r+b") as f:
             f.truncate(resume_state["log_bytes"])
         records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
         steps = [r for r in records if r["type"] == "batch"]
 
     def on_record(record: dict) -> None:
+        if not main:
+            return
         if record["type"] == "batch":
             steps.append(record)
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(state: dict) -> None:
+        if not main:
+            return
         state["log_bytes"] = log_path.stat().st_size
         with atomic_path(checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -286,7 +299,8 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
         if checkpoint_path.is_file():
             log(f"Interrupted; continue with: lorafit train --resume {run_dir}")
         raise
-    save_adapter(model, run_dir / "adapter.safetensors", metadata={"lorafit_version": __version__})
+    if main:
+        save_adapter(model, run_dir / "adapter.safetensors", metadata={"lorafit_version": __version__})
 
     metrics = {}
     for name in ("train", "val", "test"):
@@ -296,6 +310,9 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
             batch_size=train_config.eval_batch_size, device=device, precision=precision, progress=True, desc=name,
         )  # fmt: skip
     metrics["epochs"] = history
+    if not main:
+        distributed.shutdown()
+        return run_dir
     write_json_atomic(run_dir / "metrics.json", metrics)
     _plot(run_dir, history, steps)
 
@@ -309,6 +326,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
             log(f"  {result['label']:>6} {result['probabilities'][result['label']]:.3f}  {text[:70]}")
     checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
     log(f"Run saved to {run_dir}")
+    distributed.shutdown()
     return run_dir
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import collate, epoch_batches, sorted_batches
 from .config import TrainConfig
 from .errors import LorafitError
@@ -144,17 +145,16 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
 ) -> dict:
-    """Loss and classification metrics of `model` on one split."""
-    logits = predict_logits(
-        model,
-        rows,
-        pad_id=pad_id,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        progress=progress,
-        desc=desc,
-    )
+    """Loss and classification metrics of `model` on one split (under torchrun: each rank scores its
+    share of the rows, and the metrics come from all the logits, exactly as in one process)."""
+
+    def compute(indices: list[int]) -> torch.Tensor:
+        return predict_logits(
+            model, [rows[i] for i in indices], pad_id=pad_id, batch_size=batch_size, device=device,
+            precision=precision, progress=progress and distributed.is_main(), desc=desc,
+        )  # fmt: skip
+
+    logits = distributed.sharded_logits(compute, len(rows), model.head.out_features, device)
     return metrics_from_logits(logits, labels, label_names)
 
 
@@ -221,6 +221,9 @@ def fit(
     step after every `checkpoint_every` batches; `state` (tensors, numbers, lists: `torch.save`-able and
     loadable with `weights_only=True`) passed back as `resume` continues training exactly where it was.
     """
+    world = distributed.world_size()
+    if not distributed.is_main():
+        print_fn = lambda line: None  # noqa: E731  (only rank 0 prints)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named]
     # No weight decay on biases and LayerNorm weights (as GPT-2 and BERT were trained).
@@ -240,6 +243,16 @@ def fit(
     # Where training stands: the next epoch, batches of it already done, and that epoch's running sums.
     epoch, done, loss_sum, correct, seen, elapsed = 1, 0, 0.0, 0, 0, 0.0
 
+    # Under torchrun, DDP all-reduces the gradients of the trainable parameters (see distributed.py).
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def global_sums(*values: float) -> list[float]:
+        return distributed.all_reduce_sum(values, device)
+
     if resume is not None:
         with torch.no_grad():
             for name, p in named:
@@ -257,6 +270,8 @@ def fit(
             resume["seen"],
             resume["elapsed"],
         )
+        if not distributed.is_main():  # the checkpoint holds the sums over all ranks; count them once
+            loss_sum, correct, seen = 0.0, 0, 0
 
     def state(epoch: int, batch: int, elapsed: float) -> dict:
         return {
@@ -283,15 +298,28 @@ def fit(
         start = time.perf_counter() - elapsed
         since_checkpoint = 0
         bar = tqdm(
-            total=len(batches), initial=done, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False
-        )
+            total=len(batches), initial=done, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+            disable=not distributed.is_main(),
+        )  # fmt: skip
         for index, batch in enumerate(batches[done:], start=done + 1):
-            input_ids, attention_mask = collate([train.rows[i] for i in batch], pad_id, pad_to)
-            targets = torch.as_tensor([train.labels[i] for i in batch], dtype=torch.long, device=device)
+            rows = distributed.my_share(batch) if world > 1 else list(batch)
+            # A rank left without rows (a last batch smaller than the world) still joins the all-reduce.
+            weight = 1.0 if rows else 0.0
+            rows = rows or list(batch[:1])
+            input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
+            targets = torch.as_tensor([train.labels[i] for i in rows], dtype=torch.long, device=device)
             with autocast(device, precision):
-                logits = model(input_ids.to(device), attention_mask.to(device))
-            loss = F.cross_entropy(logits.float(), targets)
-            (loss / config.grad_accum).backward()
+                logits = forward(input_ids.to(device), attention_mask.to(device))
+            if world == 1:
+                loss = F.cross_entropy(logits.float(), targets)
+                (loss / config.grad_accum).backward()
+                batch_loss = loss.item()
+                batch_loss_sum = batch_loss * len(rows)
+            else:
+                summed = F.cross_entropy(logits.float(), targets, reduction="sum") * weight
+                (summed * world / len(batch) / config.grad_accum).backward()
+                batch_loss_sum = summed.item()
+                batch_loss = batch_loss_sum / len(rows)
             stepped = index % config.grad_accum == 0 or index == len(batches)
             if stepped:
                 if config.grad_clip > 0:
@@ -299,21 +327,32 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            batch_loss = loss.item()
-            loss_sum += batch_loss * len(batch)
-            correct += int((logits.argmax(-1) == targets).sum())
-            seen += len(batch)
+            loss_sum += batch_loss_sum
+            correct += int((logits.argmax(-1) == targets).sum()) * int(weight)
+            seen += len(rows) * int(weight)
             bar.update(1)
-            bar.set_postfix(loss=f"{batch_loss:.4f}", acc=f"{correct / seen:.2%}")
+            bar.set_postfix(loss=f"{batch_loss:.4f}", acc=f"{correct / max(seen, 1):.2%}")
             if index % config.log_every == 0:
+                if world > 1:  # the global batch's mean loss, as one process would log it
+                    batch_loss = global_sums(batch_loss_sum)[0] / len(batch)
                 print_fn(f"Epoch {epoch} | Batch {index} | Loss: {batch_loss:.4f}")
                 on_record({"type": "batch", "epoch": epoch, "batch": index, "loss": batch_loss})
             since_checkpoint += 1
             if checkpoint and checkpoint_every and stepped and since_checkpoint >= checkpoint_every:
                 if index < len(batches):  # the epoch end checkpoints anyway, after validation
-                    checkpoint(state(epoch, index, time.perf_counter() - start))
+                    if world > 1:  # the checkpoint holds the sums over all ranks, kept by rank 0
+                        loss_sum, correct, seen = global_sums(loss_sum, correct, seen)
+                        correct, seen = int(correct), int(seen)
+                        snapshot = state(epoch, index, time.perf_counter() - start)
+                        if not distributed.is_main():
+                            loss_sum, correct, seen = 0.0, 0, 0
+                        checkpoint(snapshot)
+                    else:
+                        checkpoint(state(epoch, index, time.perf_counter() - start))
                 since_checkpoint = 0
         bar.close()
+        if world > 1:
+            loss_sum, correct, seen = global_sums(loss_sum, correct, seen)
         seconds = time.perf_counter() - start
         train_loss, train_accuracy = loss_sum / seen, correct / seen
         print_fn(
