@@ -208,6 +208,13 @@ def test_export_and_import_refusals(tiny_gpt2_dir, sms_file, tmp_path, capsys, t
     assert "has shape (64, 2), the base model" in error and "expects (32, 2)" in error
     assert not (tmp_path / "c" / "config.json").exists()
 
+    # A trained run is never overwritten by an import.
+    error = cli_error(
+        capsys,
+        ["import", "--peft", str(tmp_path / "wide"), "--base", str(tiny_gpt2_dir), "--out", str(random_run)],
+    )
+    assert "directory is not empty" in error and (random_run / "metrics.json").is_file()
+
     error = cli_error(capsys, ["import", "--peft", str(tmp_path / "nothing"), "--out", str(tmp_path / "d")])
     assert "no adapter_config.json" in error
 
