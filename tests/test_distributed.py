@@ -60,53 +60,42 @@ def test_two_processes_train_what_one_process_trains(tiny_gpt2_dir, sms_file, tm
         )
 
 
-def test_two_nodes_on_one_machine_write_one_run_directory(tiny_gpt2_dir, sms_file, tmp_path):
+def two_nodes(argv_of_node) -> list[tuple[int, str]]:
+    """Two torchrun "nodes" (one process each) on 127.0.0.1; (exit code, stderr) of each."""
     port = str(free_port())
-    nodes = []
-    for node_rank, out in ((0, tmp_path / "node0"), (1, tmp_path / "node1")):
-        nodes.append(
-            torchrun(
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(node_rank),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                argv=train_args(tiny_gpt2_dir, sms_file, out),
-            )  # fmt: skip
-        )
-    results = [node.communicate(timeout=300) for node in nodes]
-    for node, (_, err) in zip(nodes, results):
-        assert node.returncode == 0, err[-3000:]
+    nodes = [
+        torchrun(
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            argv=argv_of_node(rank),
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    return [(node.returncode, err) for node, err in zip(nodes, errors)]
+
+
+def test_two_nodes_on_one_machine_write_one_run_directory(tiny_gpt2_dir, sms_file, tmp_path):
+    results = two_nodes(lambda rank: train_args(tiny_gpt2_dir, sms_file, tmp_path / f"node{rank}"))
+    for code, err in results:
+        assert code == 0, err[-3000:]
     assert (tmp_path / "node0" / "metrics.json").is_file()
     assert not (tmp_path / "node1").exists()  # rank 0 decides the run directory and alone writes it
 
 
 def test_ranks_with_different_settings_refuse_to_start(tiny_gpt2_dir, sms_file, tmp_path):
-    port = str(free_port())
-    nodes = []
-    for node_rank, lr in ((0, "3e-3"), (1, "1e-3")):
-        argv = train_args(tiny_gpt2_dir, sms_file, tmp_path / "run") + ["--lr", lr]
-        nodes.append(
-            torchrun(
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(node_rank),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                argv=argv,
-            )  # fmt: skip
-        )
-    results = [node.communicate(timeout=300) for node in nodes]
-    assert all(node.returncode != 0 for node in nodes)
+    learning_rates = ("3e-3", "1e-3")
+    results = two_nodes(
+        lambda rank: train_args(tiny_gpt2_dir, sms_file, tmp_path / "run") + ["--lr", learning_rates[rank]]
+    )
+    assert all(code != 0 for code, _ in results)
     assert any("rank 1 was started with other settings than rank 0" in err for _, err in results)
     assert not (tmp_path / "run").exists()
