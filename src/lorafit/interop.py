@@ -65,14 +65,6 @@ QKV = ("attn.query", "attn.key", "attn.value")
 PREFIX = "base_model.model."
 
 
-def _load_run_model(run_dir: str | os.PathLike, merge: bool):
-    from .run import load_classifier, read_run_config
-
-    config = read_run_config(run_dir)
-    classifier = load_classifier(run_dir, device="cpu", precision="fp32", merge=merge)
-    return config, ModelSpec.from_dict(config["model"]), classifier
-
-
 def _check_pooling(config: dict, family: str, run_dir, what: str) -> None:
     if config["pooling"] != HF_POOLING[family]:
         raise LorafitError(
@@ -142,7 +134,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads
     onto the Hugging Face classifier of the run's base model, predicting what lorafit predicts."""
-    from .run import read_run_config
+    from .run import load_classifier, read_run_config
 
     config = read_run_config(run_dir)
     spec = ModelSpec.from_dict(config["model"])
@@ -154,7 +146,7 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             "would have no base to load onto; use --format merged"
         )
     _check_pooling(config, spec.family, run_dir, "PEFT")
-    _, spec, classifier = _load_run_model(run_dir, merge=False)
+    classifier = load_classifier(run_dir, device="cpu", precision="fp32", merge=False)
     model = classifier.model
     backbone = model.backbone
     lora = config_from_dict(LoRAConfig, config["lora"])
@@ -286,12 +278,12 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     included) that `GPT2ForSequenceClassification` / `BertForSequenceClassification` loads as is."""
     from .models.bert import bert_state_dict_to_hf
     from .models.gpt2 import gpt2_state_dict_to_hf
-    from .run import read_run_config
+    from .run import load_classifier, read_run_config
 
     config = read_run_config(run_dir)
     spec = ModelSpec.from_dict(config["model"])
     _check_pooling(config, spec.family, run_dir, "Hugging Face")
-    _, spec, classifier = _load_run_model(run_dir, merge=True)
+    classifier = load_classifier(run_dir, device="cpu", precision="fp32", merge=True)
     model = classifier.model
     state = _plain_state(model.backbone)
     labels = config["labels"]
