@@ -74,3 +74,18 @@ def sms_file(tmp_path):
     path = tmp_path / "sms.tsv"
     path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms()), encoding="utf-8")
     return path
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process (what `python -m lorafit` runs, without a new interpreter's ~10 s of
+    imports): exit code, stdout, stderr."""
+    from lorafit.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

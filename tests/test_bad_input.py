@@ -1,5 +1,6 @@
-"""Bad input through the real CLI (a subprocess each): one line on stderr naming the file, row or option,
-exit code 2, and nothing written."""
+"""Bad input through the CLI: one line on stderr naming the file, row or option, exit code 2, and nothing
+written. The matrix runs `lorafit.cli.main` in this process (the function `python -m lorafit` calls); a few
+cases also go through a real subprocess to check the exit status and stderr a shell sees."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import synthetic_sms
+from conftest import run_main, synthetic_sms
 
 from lorafit.cli import main
 
@@ -90,22 +91,33 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True)
 
 
-def assert_one_line_error(result, fragment):
-    assert result.returncode == 2, (result.returncode, result.stderr[-1000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr[-2000:]
+def assert_one_line_error(code, stderr, fragment):
+    assert code == 2, (code, stderr[-1000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-2000:]
     assert lines[0].startswith("lorafit: error: ") and fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("argv, fragment", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
-def test_train_bad_input(bad_files, tiny_gpt2_dir, argv, fragment):
+def train_argv(bad_files, tiny_gpt2_dir, argv):
     argv = [a.format(tmp=bad_files) for a in argv]
     if "--data" not in argv:
         argv += ["--data", str(bad_files / "good.tsv")]
-    out = bad_files / "run"
-    result = run_cli("train", "--model", str(tiny_gpt2_dir), "--out", str(out), *argv)
-    assert_one_line_error(result, fragment)
-    assert not out.exists()  # nothing written
+    return ["train", "--model", str(tiny_gpt2_dir), "--out", str(bad_files / "run"), *argv]
+
+
+@pytest.mark.parametrize("argv, fragment", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_train_bad_input(bad_files, tiny_gpt2_dir, argv, fragment, capsys):
+    code, _, stderr = run_main(train_argv(bad_files, tiny_gpt2_dir, argv), capsys)
+    assert_one_line_error(code, stderr, fragment)
+    assert not (bad_files / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", [0, 3, 19, 27])  # missing file, bad encoding, argparse, bad weights file
+def test_train_bad_input_in_a_real_process(bad_files, tiny_gpt2_dir, case):
+    argv, fragment = CASES[case]
+    result = run_cli(*train_argv(bad_files, tiny_gpt2_dir, argv))
+    assert_one_line_error(result.returncode, result.stderr, fragment)
+    assert not (bad_files / "run").exists()
 
 
 def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
@@ -121,11 +133,12 @@ def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
         (["predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv")], "not utf-8 text (try --encoding latin-1)"),
         (["export", "--run", str(run), "--format", "onnx", "--out", str(bad_files / "x")], "argument --format: invalid choice"),
     ):  # fmt: skip
-        assert_one_line_error(run_cli(*argv), fragment)
-    result = run_cli(
-        "predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv"), "--encoding", "latin-1"
+        code, _, stderr = run_main(argv, capsys)
+        assert_one_line_error(code, stderr, fragment)
+    code, stdout, _ = run_main(
+        ["predict", "--run", run, "--file", bad_files / "latin1.tsv", "--encoding", "latin-1"], capsys
     )
-    assert result.returncode == 0 and len(result.stdout.splitlines()) == 20
+    assert code == 0 and len(stdout.splitlines()) == 20
 
 
 def test_skipped_and_truncated_rows_are_reported(bad_files, tiny_gpt2_dir, capsys):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_main
 from torch import nn
 
 from lorafit import GPT2, LoRAConfig, LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora
@@ -93,12 +92,10 @@ def test_parameter_count_counts_real_model_like_meta(tiny_gpt2_config):
     assert count_parameters(real) == count_parameters(meta)
 
 
-def test_params_cli_json_every_size():
+def test_params_cli_json_every_size(capsys):
     for name in ("gpt2", "gpt2-xl"):
-        out = subprocess.run(
-            [sys.executable, "-m", "lorafit", "params", "--model", name, "--lora-rank", "8", "--json"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        code, out, _ = run_main(["params", "--model", name, "--lora-rank", "8", "--json"], capsys)
+        assert code == 0
         report = json.loads(out)
         assert set(report) == {"before_head", "after_head"}
         assert set(report["after_head"]) == {"trainable", "total", "fraction"}
@@ -106,11 +103,9 @@ def test_params_cli_json_every_size():
             assert report["after_head"]["total"] > 1_500_000_000
 
 
-def test_params_cli_text_and_modules():
-    out = subprocess.run(
-        [sys.executable, "-m", "lorafit", "params", "--model", "gpt2", "--lora-rank", "8", "--show-modules"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+def test_params_cli_text_and_modules(capsys):
+    code, out, _ = run_main(["params", "--model", "gpt2", "--lora-rank", "8", "--show-modules"], capsys)
+    assert code == 0
     assert "trainable 1,327,104 | total 164,364,288 | trainable 0.81%" in out
     assert "trainable 1,328,642 | total 125,768,450 | trainable 1.06%" in out
     assert "LoRALinear" in out and "(base): Linear(in_features=768, out_features=768" in out

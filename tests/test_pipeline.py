@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_main
 
 from lorafit import GPT2, LoRAConfig, load_classifier
 from lorafit.batching import collate, epoch_batches
@@ -168,39 +169,12 @@ def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
     assert fp32.argmax(-1).tolist() == bf16.argmax(-1).tolist()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True)
+# The bad-option matrix and its real-process cases live in test_bad_input.py.
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--lora-rank", "0"], "--lora-rank must be at least 1"),
-        (["--lr", "-1"], "--lr must be positive"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--split", "0.5,0.2,0.2"], "sum to 1"),
-        (["--epochs", "0"], "--epochs must be at least 1"),
-    ],
-)
-def test_bad_options_one_line_nonzero(tiny_gpt2_dir, sms_file, tmp_path, args, message):
-    result = run_cli(
-        "train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--out", str(tmp_path / "r"), *args
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lorafit: error:") and message in lines[0], result.stderr
-    assert not (tmp_path / "r").exists()
-
-
-def test_missing_data_file_is_one_line(tmp_path):
-    result = run_cli("train", "--data", str(tmp_path / "nope.tsv"))
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "nope.tsv" in result.stderr
-
-
-def test_unknown_option_is_one_line():
-    result = run_cli("train", "--bogus")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+def test_unknown_option_is_one_line(capsys):
+    code, _, stderr = run_main(["train", "--bogus"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--bogus" in stderr
 
 
 def test_pretrained_gpt2_offline_is_one_line():
@@ -234,9 +208,9 @@ def test_corrupt_adapter_is_a_clear_error(tiny_gpt2_dir, sms_file, tmp_path, cap
     train_tiny(tiny_gpt2_dir, sms_file, out, "--epochs", "1")
     adapter = out / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
-    result = run_cli("predict", "--run", str(out), "hello")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "truncated or corrupt" in result.stderr
+    code, _, stderr = run_main(["predict", "--run", out, "hello"], capsys)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and "truncated or corrupt" in stderr
 
 
 def test_adapter_refuses_a_different_base(tiny_gpt2_dir, sms_file, tmp_path, capsys, tiny_gpt2_config):
@@ -251,9 +225,9 @@ def test_adapter_refuses_a_different_base(tiny_gpt2_dir, sms_file, tmp_path, cap
     save_file(
         gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(tiny_gpt2_dir / "model.safetensors")
     )
-    result = run_cli("predict", "--run", str(out), "hello")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "refusing to mix them" in result.stderr
+    code, _, stderr = run_main(["predict", "--run", out, "hello"], capsys)
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1 and "refusing to mix them" in stderr
 
 
 def test_eval_refuses_unknown_labels(tiny_gpt2_dir, sms_file, tmp_path, capsys):

@@ -26,9 +26,9 @@ def train_command(model_dir, data, out, *extra):
 
 @pytest.fixture
 def bigger_sms_file(tmp_path):
-    path = tmp_path / "sms400.tsv"
-    path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms(400)), encoding="utf-8")
-    return path  # 280 training rows: 70 batches of 4 per epoch
+    path = tmp_path / "sms160.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms(160)), encoding="utf-8")
+    return path  # 112 training rows: 28 batches of 4 per epoch
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_gpt2_dir, bigger_sms_file, tmp_path):
@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_gpt2_dir, bigger_sms_file, 
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     for line in process.stdout:
-        if line.startswith("Epoch 1 | Batch 20 |"):
+        if line.startswith("Epoch 1 | Batch 10 |"):
             process.send_signal(signal.SIGKILL)
             break
     process.wait()
@@ -54,7 +54,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_gpt2_dir, bigger_sms_file, 
     assert (interrupted / "checkpoint.pt").is_file()
     assert not (interrupted / "metrics.json").exists()
     state = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["batch"]) >= (1, 18)  # checkpoints every 3 batches; killed at batch >= 20
+    assert (state["epoch"], state["batch"]) >= (1, 9)  # checkpoints every 3 batches; killed at batch >= 10
 
     resumed = subprocess.run(
         [sys.executable, "-m", "lorafit", "train", "--resume", str(interrupted), "--threads", "1"],
