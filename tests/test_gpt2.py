@@ -34,6 +34,7 @@ def test_logits_match_transformers(tmp_path):
     hf = _hf_model(tmp_path)
     ours = GPT2.from_pretrained(tmp_path).eval()
     assert ours.config.vocab_size == 300 and ours.config.n_layer == 2
+    assert ours.lm_head.weight is ours.wte.weight  # still tied after loading without initialisation
     ids = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
         expected = hf(ids).logits
@@ -75,6 +76,17 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path, tiny_gpt2_config):
     save_file(hf, str(tmp_path / "w.safetensors"))
     with pytest.raises(LorafitError, match=r"wpe.weight has shape \(16, 32\), the model expects \(64, 32\)"):
         load_gpt2_weights(GPT2(tiny_gpt2_config), tmp_path / "w.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_gpt2_config):
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in GPT2(tiny_gpt2_config).state_dict().items() if k != "lm_head.weight"}
+    hf = gpt2_state_dict_to_hf(state, 2)
+    del hf["ln_f.bias"]
+    save_file(hf, str(tmp_path / "w.safetensors"))
+    with pytest.raises(LorafitError, match="ln_f.bias is missing"):
+        GPT2.from_weights_file(tiny_gpt2_config, tmp_path / "w.safetensors")
 
 
 def test_offline_download_fails_with_one_line(monkeypatch):

@@ -106,15 +106,16 @@ def _read_hf_config(directory: Path) -> dict:
 
 
 def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:
-    """Resolve `--model` / `--weights` to a ModelSpec without loading any tensor (no download either,
-    except that `--weights pretrained` for a GPT-2 size downloads when the model is built)."""
+    """Resolve `--model` / `--weights` to a ModelSpec without loading any tensor. `--weights pretrained` for a
+    GPT-2 size finds the file here (hub cache, else download), so that a missing network fails in seconds,
+    before any data is read."""
     from .models import bert, gpt2
 
     if name in GPT2_SIZES:
         config = gpt2.gpt2_config(name)
         weights_path = None
-        if weights not in ("pretrained", "random"):
-            weights_path = str(gpt2.resolve_weights(weights))
+        if weights != "random":
+            weights_path = str(gpt2.resolve_weights(name if weights == "pretrained" else weights))
             config = gpt2.gpt2_config_for(Path(weights_path), name)
         return ModelSpec(name, "gpt2", weights, config, "gpt2", weights_path)
 
@@ -166,14 +167,12 @@ def build_backbone(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Mo
 
     if spec.family == "bert" and device != "meta" and spec.weights != "random":
         return bert.Bert.from_pretrained(spec.weights_path).to(device)
+    if spec.family == "gpt2" and device != "meta" and spec.weights != "random":
+        path = spec.weights_path or str(gpt2.resolve_weights(spec.name))
+        spec.weights_path = path
+        return gpt2.GPT2.from_weights_file(spec.config, path, device)
     with torch.device(device):
-        model = gpt2.GPT2(spec.config) if spec.family == "gpt2" else bert.Bert(spec.config)
-    if device == "meta" or spec.weights == "random":
-        return model
-    path = spec.weights_path or str(gpt2.resolve_weights(spec.name))
-    spec.weights_path = path
-    gpt2.load_gpt2_weights(model, path)
-    return model
+        return gpt2.GPT2(spec.config) if spec.family == "gpt2" else bert.Bert(spec.config)
 
 
 def build_tokenizer(spec: ModelSpec):
