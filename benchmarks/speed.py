@@ -32,6 +32,9 @@ The real run (roughly half an hour to an hour on 2 idle cores):
 
     python benchmarks/speed.py --data ../shared/data/SMSSpamCollection
 
+A killed run keeps its temporary directory; `--collect /tmp/lorafit-speed-XXXX --repeats N` prints the table
+of the system runs that finished there. Ctrl-C in the parent does the same for the runs done so far.
+
 `--smoke` runs the whole pipeline in a minute or so (2-layer, 64-wide GPT-2, 40 training rows, 2 batches,
 1 round); its numbers mean nothing. Needs `pip install --no-deps llms-from-scratch==1.0.19` (its declared requirements would pull
 tensorflow and an older numpy; what it imports is already here) and transformers + peft; a row whose package is missing is skipped with a note. Prints a Markdown table and writes
@@ -580,12 +583,23 @@ def parent_main(args: argparse.Namespace) -> None:
         }
         job_path = work / "job.json"
         job_path.write_text(json.dumps(job))
-        for round_ in range(1, args.repeats + 1):
-            print(f"Round {round_}/{args.repeats}:", flush=True)
-            for name in systems:
-                result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
-                if result is not None:
-                    runs[name].append(result)
+        if args.collect:  # the result files an interrupted run left behind (see --collect)
+            for round_ in range(1, args.repeats + 1):
+                for name in systems:
+                    path = Path(args.collect) / f"{name}-{round_}.json"
+                    if path.is_file():
+                        runs[name].append(json.loads(path.read_text()))
+            completed = sum(len(r) for r in runs.values())
+            notes.append(f"collected {completed} finished system runs from {args.collect}")
+        try:
+            for round_ in range(1, args.repeats + 1) if not args.collect else ():
+                print(f"Round {round_}/{args.repeats}:", flush=True)
+                for name in systems:
+                    result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
+                    if result is not None:
+                        runs[name].append(result)
+        except KeyboardInterrupt:  # report what finished rather than nothing
+            notes.append("interrupted: medians over the runs that finished (see runs in the JSON)")
 
     summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
     labels = {
@@ -605,7 +619,7 @@ def parent_main(args: argparse.Namespace) -> None:
         f"s/epoch is EXTRAPOLATED: median seconds per batch over {args.batches} timed batches (after "
         f"{WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); the lab's "
         "drop_last loader runs one fewer); not a measured epoch. Medians over "
-        f"{args.repeats} round(s), systems run round-robin, each in its own process. tokens/s counts real "
+        f"{max((len(r) for r in runs.values()), default=0)} round(s), systems run round-robin, each in its own process. tokens/s counts real "
         "(unpadded) tokens; inference is over the test messages."
     )
     for note in notes:
@@ -667,6 +681,12 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny model, 2 batches, 1 round: checks the plumbing"
     )
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--collect",
+        metavar="DIR",
+        help="summarise the per-system result files (NAME-ROUND.json) that a killed run left in its "
+        "temporary directory /tmp/lorafit-speed-* (rounds 1 to --repeats), instead of running anything",
+    )
     parser.add_argument("--system", help=argparse.SUPPRESS)  # child mode: run one system
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
