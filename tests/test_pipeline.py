@@ -241,3 +241,20 @@ def test_eval_refuses_unknown_labels(tiny_gpt2_dir, sms_file, tmp_path, capsys):
     assert info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "label 'promo' was not among the run's labels (ham, spam)" in error[0]
+
+
+def test_train_run_sends_every_line_to_its_log(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    from lorafit.config import TrainConfig
+    from lorafit.run import DataOptions, RunOptions, train_run
+
+    lines = []
+    options = RunOptions(
+        model=str(tiny_gpt2_dir),
+        train=TrainConfig(epochs=1, precision="fp32", log_every=5),
+        data=DataOptions(source=str(sms_file)),
+        out=str(tmp_path / "run"),
+    )
+    train_run(options, log=lines.append)
+    assert any(line.startswith("Epoch 1 | Batch 5 | Loss:") for line in lines), lines
+    assert any(line.startswith("Validation | Loss:") for line in lines), lines
+    assert "Epoch 1 | Batch" not in capsys.readouterr().out  # the API's caller decides where lines go

@@ -293,6 +293,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
         history = fit(
             model, splits["train"], splits["val"], names, train_config, pad_id=tokenizer.pad_id, device=device,
             precision=precision, pad_to=None if train_config.bucketing else max_length, on_record=on_record,
+            print_fn=None if log is print else log,
             checkpoint=save_checkpoint, checkpoint_every=options.checkpoint_every, resume=resume_state,
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -206,7 +206,7 @@ def fit(
     precision: str,
     pad_to: int | None = None,
     on_record: Callable[[dict], None] = lambda record: None,
-    print_fn: Callable[[str], None] = tqdm.write,
+    print_fn: Callable[[str], None] | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     resume: dict | None = None,
@@ -214,7 +214,7 @@ def fit(
     """Train the trainable parameters of `model` on `train`, validating after each epoch.
 
     Prints the lab's lines (`Epoch 1 | Batch 10 | Loss: 1.2277` every `log_every` batches, then the epoch
-    summary and the validation result), hands each record to `on_record`, and returns one dict per epoch.
+    summary and the validation result) with `print_fn` (default: `tqdm.write`), hands each record to `on_record`, and returns one dict per epoch.
     With `keep_best`, the trainable weights of the epoch with the lowest validation loss are restored.
 
     `checkpoint(state)` is called at each epoch end and, when `checkpoint_every` > 0, at the first optimiser
@@ -222,6 +222,8 @@ def fit(
     loadable with `weights_only=True`) passed back as `resume` continues training exactly where it was.
     """
     world = distributed.world_size()
+    if print_fn is None:
+        print_fn = tqdm.write  # above the progress bar, not through it
     if not distributed.is_main():
         print_fn = lambda line: None  # noqa: E731  (only rank 0 prints)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
