@@ -117,7 +117,7 @@ def main() -> None:
     )
     parser.add_argument("--data", default="../shared/data/SMSSpamCollection")
     parser.add_argument("--protocols", default="a,b")
-    parser.add_argument("--seeds", default="1,2,3", help="training seeds of the LoRA rows")
+    parser.add_argument("--seeds", default="1,2,3", help='training seeds of the LoRA rows ("": none)')
     parser.add_argument("--full-seeds", default="1", help="training seeds of the full fine-tuning rows")
     parser.add_argument("--epochs", type=int, default=None, help="override the minilm-l6 default")
     parser.add_argument("--skip-full", action="store_true")
@@ -129,14 +129,14 @@ def main() -> None:
     results = {}
     for protocol in args.protocols.split(","):
         rows = {}
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",") if s]:
             print(f"[{protocol}] lorafit MiniLM + LoRA r8, seed {seed} ...", flush=True)
             rows[f"LoRA r8 seed {seed}"] = run_lorafit(
                 args.data, protocol, seed, False, out / f"{protocol}-lora-{seed}", args.epochs
             )
             print("   ", rows[f"LoRA r8 seed {seed}"], flush=True)
         if not args.skip_full:
-            for seed in [int(s) for s in args.full_seeds.split(",")]:
+            for seed in [int(s) for s in args.full_seeds.split(",") if s]:
                 print(f"[{protocol}] lorafit MiniLM full fine-tuning, seed {seed} ...", flush=True)
                 rows[f"full fine-tuning seed {seed}"] = run_lorafit(
                     args.data, protocol, seed, True, out / f"{protocol}-full-{seed}", args.epochs
