@@ -583,7 +583,7 @@ def parent_main(args: argparse.Namespace) -> None:
         }
         job_path = work / "job.json"
         job_path.write_text(json.dumps(job))
-        if args.collect:  # the result files an interrupted run left behind (see --collect)
+        if args.collect:  # the result files a killed run left behind, instead of running anything
             for round_ in range(1, args.repeats + 1):
                 for name in systems:
                     path = Path(args.collect) / f"{name}-{round_}.json"
@@ -591,15 +591,16 @@ def parent_main(args: argparse.Namespace) -> None:
                         runs[name].append(json.loads(path.read_text()))
             completed = sum(len(r) for r in runs.values())
             notes.append(f"collected {completed} finished system runs from {args.collect}")
-        try:
-            for round_ in range(1, args.repeats + 1) if not args.collect else ():
-                print(f"Round {round_}/{args.repeats}:", flush=True)
-                for name in systems:
-                    result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
-                    if result is not None:
-                        runs[name].append(result)
-        except KeyboardInterrupt:  # report what finished rather than nothing
-            notes.append("interrupted: medians over the runs that finished (see runs in the JSON)")
+        else:
+            try:
+                for round_ in range(1, args.repeats + 1):
+                    print(f"Round {round_}/{args.repeats}:", flush=True)
+                    for name in systems:
+                        result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
+                        if result is not None:
+                            runs[name].append(result)
+            except KeyboardInterrupt:  # report what finished rather than nothing
+                notes.append("interrupted: medians over the runs that finished (see runs in the JSON)")
 
     summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
     labels = {

@@ -68,22 +68,8 @@ def test_two_processes_train_what_one_process_trains(tiny_gpt2_dir, sms_file, tm
 def two_nodes(argv_of_node) -> list[tuple[int, str]]:
     """Two torchrun "nodes" (one process each) on 127.0.0.1; (exit code, stderr) of each."""
     port = str(free_port())
-    nodes = [
-        torchrun(
-            "--nnodes",
-            "2",
-            "--node_rank",
-            str(rank),
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            argv=argv_of_node(rank),
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]
+    nodes = [torchrun(*launcher, "--node_rank", str(rank), argv=argv_of_node(rank)) for rank in (0, 1)]
     errors = [node.communicate(timeout=300)[1] for node in nodes]
     return [(node.returncode, err) for node, err in zip(nodes, errors)]
 

@@ -214,7 +214,8 @@ def fit(
     """Train the trainable parameters of `model` on `train`, validating after each epoch.
 
     Prints the lab's lines (`Epoch 1 | Batch 10 | Loss: 1.2277` every `log_every` batches, then the epoch
-    summary and the validation result) with `print_fn` (default: `tqdm.write`), hands each record to `on_record`, and returns one dict per epoch.
+    summary and the validation result) with `print_fn` (default: `tqdm.write`), hands each record to
+    `on_record`, and returns one dict per epoch.
     With `keep_best`, the trainable weights of the epoch with the lowest validation loss are restored.
 
     `checkpoint(state)` is called at each epoch end and, when `checkpoint_every` > 0, at the first optimiser
