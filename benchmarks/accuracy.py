@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lorafit.config import LoRAConfig, TrainConfig
 from lorafit.data import balance_classes, label_names, read_table, split_indices
+from lorafit.io import write_json_atomic
 from lorafit.run import DataOptions, RunOptions, train_run
 
 PROTOCOLS = {
@@ -41,11 +42,17 @@ def spam_scores(metrics: dict) -> dict:
     }
 
 
-def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, epochs: int | None) -> dict:
+def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args: argparse.Namespace) -> dict:
+    """One `train_run` with the `minilm-l6` defaults, except what `args` overrides (for tuning)."""
+    lora = None if full else LoRAConfig(rank=8, alpha=16, dropout=args.lora_dropout)
+    train = TrainConfig(seed=seed, epochs=args.epochs, lr=5e-5 if full else args.lr, precision=args.precision)
+    train.bucket_batches = args.bucket_batches
+    if args.keep_best is not None:
+        train.keep_best = args.keep_best == "on"
     options = RunOptions(
         model="minilm-l6",
-        lora=None if full else LoRAConfig(rank=8, alpha=16),
-        train=TrainConfig(seed=seed, epochs=epochs, lr=5e-5 if full else None),
+        lora=lora,
+        train=train,
         data=DataOptions(source=data),
         out=str(out),
         examples=0,
@@ -63,6 +70,7 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, epoc
         "test": spam_scores(metrics["test"]),
         "seconds_per_epoch": statistics.mean(e["seconds"] for e in metrics["epochs"]),
         "epochs_run": len(metrics["epochs"]),
+        "val_by_epoch": [(e["val_loss"], e["val_accuracy"]) for e in metrics["epochs"]],
         "trainable": config["parameters"]["after_head"]["trainable"],
     }
 
@@ -120,6 +128,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3", help='training seeds of the LoRA rows ("": none)')
     parser.add_argument("--full-seeds", default="1", help="training seeds of the full fine-tuning rows")
     parser.add_argument("--epochs", type=int, default=None, help="override the minilm-l6 default")
+    # Tuning overrides (default: the minilm-l6 defaults). Tune with --tune: it prints validation only.
+    parser.add_argument("--lr", type=float, default=None, help="LoRA rows' learning rate")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--keep-best", choices=["on", "off"], default=None)
+    parser.add_argument("--bucket-batches", type=int, default=32)
+    parser.add_argument("--tag", default="", help="suffix of the row names and run directories")
+    parser.add_argument(
+        "--tune", action="store_true", help="print train / validation results only (choose on these)"
+    )
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -130,24 +148,41 @@ def main() -> None:
     for protocol in args.protocols.split(","):
         rows = {}
         for seed in [int(s) for s in args.seeds.split(",") if s]:
-            print(f"[{protocol}] lorafit MiniLM + LoRA r8, seed {seed} ...", flush=True)
-            rows[f"LoRA r8 seed {seed}"] = run_lorafit(
-                args.data, protocol, seed, False, out / f"{protocol}-lora-{seed}", args.epochs
+            name = f"LoRA r8{args.tag} seed {seed}"
+            print(f"[{protocol}] lorafit MiniLM + {name} ...", flush=True)
+            rows[name] = run_lorafit(
+                args.data, protocol, seed, False, out / f"{protocol}-lora{args.tag}-{seed}", args
             )
-            print("   ", rows[f"LoRA r8 seed {seed}"], flush=True)
+            show(rows[name], args.tune)
+            save(out, results, protocol, rows)
         if not args.skip_full:
             for seed in [int(s) for s in args.full_seeds.split(",") if s]:
                 print(f"[{protocol}] lorafit MiniLM full fine-tuning, seed {seed} ...", flush=True)
-                rows[f"full fine-tuning seed {seed}"] = run_lorafit(
-                    args.data, protocol, seed, True, out / f"{protocol}-full-{seed}", args.epochs
+                name = f"full fine-tuning{args.tag} seed {seed}"
+                rows[name] = run_lorafit(
+                    args.data, protocol, seed, True, out / f"{protocol}-full{args.tag}-{seed}", args
                 )
-                print("   ", rows[f"full fine-tuning seed {seed}"], flush=True)
+                show(rows[name], args.tune)
+                save(out, results, protocol, rows)
         print(f"[{protocol}] TF-IDF + logistic regression ...", flush=True)
         rows["TF-IDF + LR (C=1)"] = run_tfidf(args.data, protocol)
-        results[protocol] = rows
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(results, indent=2))
+        save(out, results, protocol, rows)
+    if args.tune:
+        return
     print_table(results)
+
+
+def show(row: dict, tune: bool) -> None:
+    """One finished row; with `tune`, without its test figures."""
+    shown = {k: v for k, v in row.items() if not (tune and k == "test")}
+    print("   ", shown, flush=True)
+
+
+def save(out: Path, results: dict, protocol: str, rows: dict) -> None:
+    """accuracy.json after every row, so a stopped run keeps what finished."""
+    results[protocol] = rows
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "accuracy.json", results)
 
 
 def print_table(results: dict) -> None:

@@ -155,6 +155,16 @@ def test_bucketing_keeps_every_row_once_and_groups_lengths():
     assert [b.tolist() for b in batches] != [b.tolist() for b in epoch_batches(lengths, 8, seed=42, epoch=2)]
 
 
+def test_one_batch_windows_give_the_random_batches():
+    # window_batches=1 sorts nothing across rows: the batches are the plain shuffle's, in a shuffled order
+    # (and each is padded only to its own longest row).
+    lengths = [(i * 37) % 101 + 1 for i in range(203)]
+    window = epoch_batches(lengths, 8, seed=7, epoch=3, window_batches=1)
+    plain = epoch_batches(lengths, 8, seed=7, epoch=3, bucketing=False)
+    assert sorted(sorted(b.tolist()) for b in window) == sorted(sorted(b.tolist()) for b in plain)
+    assert [sorted(b.tolist()) for b in window] != [sorted(b.tolist()) for b in plain]
+
+
 def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
     from lorafit.train import autocast, cast_frozen_linears
 

@@ -13,19 +13,26 @@ BUCKET_BATCHES = 32
 
 
 def epoch_batches(
-    lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, bucketing: bool = True
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    bucketing: bool = True,
+    window_batches: int = BUCKET_BATCHES,
 ) -> list[np.ndarray]:
     """The training batches (lists of row indices) of one epoch; deterministic in (seed, epoch).
 
     Without bucketing: a plain shuffle cut into batches. With bucketing: shuffle, sort each window of
-    `BUCKET_BATCHES` batches by length, cut, and shuffle the batch order.
+    `window_batches` batches by length, cut, and shuffle the batch order (`window_batches=1`: random
+    batches, each padded only to its own longest row).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     if not bucketing:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     lengths = np.asarray(lengths)
-    window = batch_size * BUCKET_BATCHES
+    window = batch_size * max(1, window_batches)
     batches = []
     for start in range(0, len(order), window):
         chunk = order[start : start + window]

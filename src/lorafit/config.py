@@ -111,6 +111,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     precision: str = "auto"  # auto | bf16 | fp32
     bucketing: bool = True  # length-grouped batches padded to their own longest row
+    bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss

@@ -296,8 +296,9 @@ def fit(
     while epoch <= config.epochs:
         model.train()
         batches = epoch_batches(
-            lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing
-        )
+            lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing,
+            window_batches=config.bucket_batches,
+        )  # fmt: skip
         start = time.perf_counter() - elapsed
         since_checkpoint = 0
         bar = tqdm(
