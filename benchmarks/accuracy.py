@@ -47,6 +47,7 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args
     lora = None if full else LoRAConfig(rank=8, alpha=16, dropout=args.lora_dropout)
     train = TrainConfig(seed=seed, epochs=args.epochs, lr=5e-5 if full else args.lr, precision=args.precision)
     train.bucket_batches = args.bucket_batches
+    train.mix_classes = args.mix_classes == "on"
     if args.keep_best is not None:
         train.keep_best = args.keep_best == "on"
     options = RunOptions(
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--keep-best", choices=["on", "off"], default=None)
     parser.add_argument("--bucket-batches", type=int, default=32)
+    parser.add_argument("--mix-classes", choices=["on", "off"], default="on")
     parser.add_argument("--tag", default="", help="suffix of the row names and run directories")
     parser.add_argument(
         "--tune", action="store_true", help="print train / validation results only (choose on these)"

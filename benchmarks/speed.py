@@ -239,7 +239,14 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
     lengths = [len(r) for r in timed.rows]
     widths = [
         max(pad_to or 0, max(lengths[i] for i in batch))
-        for batch in epoch_batches(lengths, BATCH_SIZE, seed=config.seed, epoch=1, bucketing=bucketing)
+        for batch in epoch_batches(
+            lengths,
+            BATCH_SIZE,
+            seed=config.seed,
+            epoch=1,
+            bucketing=bucketing,
+            labels=timed.labels if config.mix_classes else None,
+        )  # fmt: skip
     ]
     result = timing_result(
         seconds, len(widths), len(timed.rows), sum(lengths), sum(w * BATCH_SIZE for w in widths)

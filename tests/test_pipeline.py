@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_main
@@ -163,6 +164,33 @@ def test_one_batch_windows_give_the_random_batches():
     plain = epoch_batches(lengths, 8, seed=7, epoch=3, bucketing=False)
     assert sorted(sorted(b.tolist()) for b in window) == sorted(sorted(b.tolist()) for b in plain)
     assert [sorted(b.tolist()) for b in window] != [sorted(b.tolist()) for b in plain]
+
+
+def test_class_mixed_bucketing_mixes_classes_and_still_groups_lengths():
+    # Length predicts the label here (as in SMS spam): plain bucketing makes one-class batches.
+    rng = np.random.default_rng(0)
+    labels = [i % 2 for i in range(512)]
+    lengths = [int(rng.integers(5, 30)) + 40 * y for y in labels]
+    plain = epoch_batches(lengths, 8, seed=1, epoch=1)
+    mixed = epoch_batches(lengths, 8, seed=1, epoch=1, labels=labels)
+    random = epoch_batches(lengths, 8, seed=1, epoch=1, window_batches=1)
+    assert sorted(int(i) for b in mixed for i in b) == list(range(512))
+
+    def one_class(batches):
+        return sum(len({labels[i] for i in b}) == 1 for b in batches)
+
+    def spread_within_class(batches):
+        spreads = [
+            max(lengths[i] for i in b if labels[i] == y) - min(lengths[i] for i in b if labels[i] == y)
+            for b in batches
+            for y in {labels[i] for i in b}
+        ]
+        return sum(spreads) / len(spreads)
+
+    assert one_class(plain) > 50 and one_class(mixed) == 0
+    assert all(abs(sum(labels[i] for i in b) - 4) <= 1 for b in mixed)  # the window's 50/50, per batch
+    # The rows of one class in a batch are close in length (random batches: spread over the whole range).
+    assert spread_within_class(mixed) < spread_within_class(random) / 5
 
 
 def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):

@@ -20,12 +20,18 @@ def epoch_batches(
     epoch: int,
     bucketing: bool = True,
     window_batches: int = BUCKET_BATCHES,
+    labels: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """The training batches (lists of row indices) of one epoch; deterministic in (seed, epoch).
 
     Without bucketing: a plain shuffle cut into batches. With bucketing: shuffle, sort each window of
     `window_batches` batches by length, cut, and shuffle the batch order (`window_batches=1`: random
     batches, each padded only to its own longest row).
+
+    With `labels`, each window is sorted by the length rank *within its class* instead, so every batch
+    mixes the classes in the window's proportions (rows of a class still similar in length). Plain length
+    sorting makes batches of one class whenever length predicts the label (SMS spam is twice as long as
+    ham: 40 % of the batches were all ham or all spam), and those one-sided steps hurt training.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
@@ -37,8 +43,19 @@ def epoch_batches(
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        if labels is not None:
+            chunk = chunk[np.argsort(_rank_within_class(np.asarray(labels)[chunk]), kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _rank_within_class(labels: np.ndarray) -> np.ndarray:
+    """For rows already in length order: each row's quantile among the rows of its own class."""
+    quantile = np.empty(len(labels))
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        quantile[rows] = (np.arange(len(rows)) + 0.5) / len(rows)
+    return quantile
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:

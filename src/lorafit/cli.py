@@ -172,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         eval_batch_size=args.eval_batch_size,
         precision=args.precision,
         bucketing=not args.no_bucketing,
+        mix_classes=not args.no_class_mixing,
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
     g.add_argument("--no-bucketing", action="store_true",
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
+    g.add_argument("--no-class-mixing", action="store_true",
+                   help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")

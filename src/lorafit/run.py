@@ -224,7 +224,10 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     log(format_parameter_report(report))
     if precision == "bf16":
         cast_frozen_linears(model, torch.bfloat16)
-    log(f"Device: {device} | precision: {precision} | bucketing: {'on' if train_config.bucketing else 'off'}")
+    bucketing = "off"
+    if train_config.bucketing:
+        bucketing = "on, classes mixed" if train_config.mix_classes else "on, length only"
+    log(f"Device: {device} | precision: {precision} | bucketing: {bucketing}")
 
     run_dir = Path(distributed.broadcast(options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
     data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])

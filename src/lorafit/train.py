@@ -297,7 +297,7 @@ def fit(
         model.train()
         batches = epoch_batches(
             lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing,
-            window_batches=config.bucket_batches,
+            window_batches=config.bucket_batches, labels=train.labels if config.mix_classes else None,
         )  # fmt: skip
         start = time.perf_counter() - elapsed
         since_checkpoint = 0
