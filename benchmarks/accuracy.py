@@ -48,6 +48,7 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args
     train = TrainConfig(seed=seed, epochs=args.epochs, lr=5e-5 if full else args.lr, precision=args.precision)
     train.bucket_batches = args.bucket_batches
     train.mix_classes = args.mix_classes == "on"
+    train.bucketing = args.bucketing == "on"
     if args.keep_best is not None:
         train.keep_best = args.keep_best == "on"
     options = RunOptions(
@@ -136,6 +137,9 @@ def main() -> None:
     parser.add_argument("--keep-best", choices=["on", "off"], default=None)
     parser.add_argument("--bucket-batches", type=int, default=32)
     parser.add_argument("--mix-classes", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--bucketing", choices=["on", "off"], default="on", help="off: padded to the longest row"
+    )
     parser.add_argument("--tag", default="", help="suffix of the row names and run directories")
     parser.add_argument(
         "--tune", action="store_true", help="print train / validation results only (choose on these)"

@@ -31,7 +31,7 @@ def epoch_batches(
     With `labels`, each window is sorted by the length rank *within its class* instead, so every batch
     mixes the classes in the window's proportions (rows of a class still similar in length). Plain length
     sorting makes batches of one class whenever length predicts the label (SMS spam is twice as long as
-    ham: 40 % of the batches were all ham or all spam), and those one-sided steps hurt training.
+    ham: 40 % of the batches were all ham or all spam), and each such step pulls toward one class.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
