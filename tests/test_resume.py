@@ -115,3 +115,19 @@ def test_resume_refuses_other_data(tiny_gpt2_dir, sms_file, tmp_path, capsys):
     assert info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "differs from the data this run started on" in error[0], error
+
+
+def test_runs_from_before_class_mixing_resume_with_length_only_batches(tmp_path):
+    from lorafit.run import options_from_run_config
+
+    config = {
+        "model": {"name": "minilm-l6", "weights": "pretrained"},
+        "pooling": "mean",
+        "lora": None,
+        "train": {"seed": 3},
+        "data": {"source": "sms-spam", "split": [0.7, 0.1, 0.2]},
+        "max_length": None,
+    }
+    assert options_from_run_config(config, tmp_path).train.mix_classes is False
+    config["train"]["mix_classes"] = True
+    assert options_from_run_config(config, tmp_path).train.mix_classes is True

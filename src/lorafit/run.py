@@ -89,7 +89,8 @@ def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOpti
         weights=config["model"]["weights"],
         pooling=config["pooling"],
         lora=config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None,
-        train=config_from_dict(TrainConfig, config["train"]),
+        # A run written before class mixing existed batched by length alone: resume it the same way.
+        train=config_from_dict(TrainConfig, {"mix_classes": False, **config["train"]}),
         data=config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])}),
         max_length=config["max_length"],
         out=str(run_dir),
