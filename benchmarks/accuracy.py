@@ -45,12 +45,16 @@ def spam_scores(metrics: dict) -> dict:
 def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args: argparse.Namespace) -> dict:
     """One `train_run` with the `minilm-l6` defaults, except what `args` overrides (for tuning)."""
     lora = None if full else LoRAConfig(rank=8, alpha=16, dropout=args.lora_dropout)
-    train = TrainConfig(seed=seed, epochs=args.epochs, lr=5e-5 if full else args.lr, precision=args.precision)
-    train.bucket_batches = args.bucket_batches
-    train.mix_classes = args.mix_classes == "on"
-    train.bucketing = args.bucketing == "on"
-    if args.keep_best is not None:
-        train.keep_best = args.keep_best == "on"
+    train = TrainConfig(
+        seed=seed,
+        epochs=args.epochs,
+        lr=5e-5 if full else args.lr,
+        precision=args.precision,
+        bucketing=args.bucketing == "on",
+        bucket_batches=args.bucket_batches,
+        mix_classes=args.mix_classes == "on",
+        keep_best=None if args.keep_best is None else args.keep_best == "on",
+    )
     options = RunOptions(
         model="minilm-l6",
         lora=lora,

@@ -197,11 +197,17 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
 
     import torch
 
-    from lorafit.batching import epoch_batches
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.lora import merge_lora
-    from lorafit.train import Split, cast_frozen_linears, fit, predict_logits, resolve_precision
+    from lorafit.train import (
+        Split,
+        cast_frozen_linears,
+        fit,
+        predict_logits,
+        resolve_precision,
+        training_batches,
+    )
 
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
@@ -238,15 +244,7 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
     seconds = run(timed)
     lengths = [len(r) for r in timed.rows]
     widths = [
-        max(pad_to or 0, max(lengths[i] for i in batch))
-        for batch in epoch_batches(
-            lengths,
-            BATCH_SIZE,
-            seed=config.seed,
-            epoch=1,
-            bucketing=bucketing,
-            labels=timed.labels if config.mix_classes else None,
-        )  # fmt: skip
+        max(pad_to or 0, max(lengths[i] for i in batch)) for batch in training_batches(timed, config, epoch=1)
     ]
     result = timing_result(
         seconds, len(widths), len(timed.rows), sum(lengths), sum(w * BATCH_SIZE for w in widths)

@@ -38,13 +38,14 @@ def epoch_batches(
     if not bucketing:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     lengths = np.asarray(lengths)
+    labels = None if labels is None else np.asarray(labels)
     window = batch_size * max(1, window_batches)
     batches = []
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         if labels is not None:
-            chunk = chunk[np.argsort(_rank_within_class(np.asarray(labels)[chunk]), kind="stable")]
+            chunk = chunk[np.argsort(_rank_within_class(labels[chunk]), kind="stable")]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
 

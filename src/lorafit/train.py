@@ -194,6 +194,15 @@ class Split:
     texts: list[str] = field(default_factory=list)
 
 
+def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """The batches (arrays of row indices) `fit` trains on in `epoch`, as `config` says to build them."""
+    return epoch_batches(
+        [len(r) for r in train.rows], config.batch_size, seed=config.seed, epoch=epoch,
+        bucketing=config.bucketing, window_batches=config.bucket_batches,
+        labels=train.labels if config.mix_classes else None,
+    )  # fmt: skip
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -240,7 +249,6 @@ def fit(
     batches_per_epoch = math.ceil(len(train.rows) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)
-    lengths = [len(r) for r in train.rows]
     history: list[dict] = []
     best_loss, best_state = float("inf"), None
     # Where training stands: the next epoch, batches of it already done, and that epoch's running sums.
@@ -295,10 +303,7 @@ def fit(
 
     while epoch <= config.epochs:
         model.train()
-        batches = epoch_batches(
-            lengths, config.batch_size, seed=config.seed, epoch=epoch, bucketing=config.bucketing,
-            window_batches=config.bucket_batches, labels=train.labels if config.mix_classes else None,
-        )  # fmt: skip
+        batches = training_batches(train, config, epoch)
         start = time.perf_counter() - elapsed
         since_checkpoint = 0
         bar = tqdm(
