@@ -202,7 +202,7 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
     from lorafit.lora import merge_lora
     from lorafit.train import (
         Split,
-        cast_frozen_linears,
+        cast_frozen_weights,
         fit,
         predict_logits,
         resolve_precision,
@@ -217,7 +217,7 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
         spec, 2, "last", LoRAConfig(rank=RANK, alpha=ALPHA), seed=DATA_SEED, device=device
     )
     if precision == "bf16":
-        cast_frozen_linears(model, torch.bfloat16)
+        cast_frozen_weights(model, torch.bfloat16)
     config = resolve_train_config(
         TrainConfig(
             epochs=1, batch_size=BATCH_SIZE, lr=LR, seed=DATA_SEED, bucketing=bucketing, log_every=10**9

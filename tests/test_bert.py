@@ -186,3 +186,26 @@ def test_all_padding_row_and_bf16_autocast_stay_finite():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         h = model(ids, attention_mask=mask)
     assert torch.isfinite(h.float()).all()
+
+
+def test_frozen_weights_in_bf16_keep_the_embedding_sum_in_fp32():
+    from lorafit.config import BertConfig
+    from lorafit.train import cast_frozen_weights
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = Bert(config).eval().requires_grad_(False)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        fp32 = model(ids, attention_mask=mask)
+        cast_frozen_weights(model, torch.bfloat16)
+        assert model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+        assert model.embeddings.position_embeddings.weight.dtype == torch.float32
+        assert model.embeddings(ids).dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(ids, attention_mask=mask)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max().item() < 0.1  # bf16 matrix products on unit-variance states

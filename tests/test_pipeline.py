@@ -194,14 +194,19 @@ def test_class_mixed_bucketing_mixes_classes_and_still_groups_lengths():
 
 
 def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
-    from lorafit.train import autocast, cast_frozen_linears
+    from lorafit.train import autocast, cast_frozen_weights
 
     model = _tiny_classifier(tiny_gpt2_config)
     rows = [[10, 20, 30, 40], [50, 60], [70, 80, 90, 100, 110]]
     with torch.no_grad():
         fp32 = torch.softmax(model(*collate(rows, 50256)), -1)
-        cast_frozen_linears(model, torch.bfloat16)
+        cast_frozen_weights(model, torch.bfloat16)
+        # The frozen token table goes to bf16; the position table stays fp32, and so does the residual stream.
+        assert model.backbone.wte.weight.dtype == torch.bfloat16
+        assert model.backbone.wpe.weight.dtype == torch.float32
         with autocast(torch.device("cpu"), "bf16"):
+            assert model.backbone.wte(torch.tensor([10])).dtype == torch.bfloat16
+            assert model.backbone.hidden_states(*collate(rows, 50256)).dtype == torch.float32
             bf16 = torch.softmax(model(*collate(rows, 50256)), -1)
     assert (fp32 - bf16).abs().max().item() < 0.02
     assert fp32.argmax(-1).tolist() == bf16.argmax(-1).tolist()

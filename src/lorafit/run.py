@@ -32,7 +32,7 @@ from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .train import (
     Split,
-    cast_frozen_linears,
+    cast_frozen_weights,
     evaluate,
     fit,
     metrics_from_logits,
@@ -224,7 +224,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
     log(format_parameter_report(report))
     if precision == "bf16":
-        cast_frozen_linears(model, torch.bfloat16)
+        cast_frozen_weights(model, torch.bfloat16)
     bucketing = "off"
     if train_config.bucketing:
         bucketing = "on, classes mixed" if train_config.mix_classes else "on, length only"
@@ -431,7 +431,7 @@ def load_classifier(
     if lora is not None and merge:
         merge_lora(model)
     if precision == "bf16":
-        cast_frozen_linears(model, torch.bfloat16)
+        cast_frozen_weights(model, torch.bfloat16)
     return Classifier(
         model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision
     )

@@ -75,11 +75,15 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store the frozen linear weights in `dtype` (bf16 halves their memory and skips a cast per step);
-    embeddings, LayerNorms and every trainable parameter stay fp32."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen linear weights and the frozen token-embedding tables (GPT-2's `wte`, BERT's
+    `word_embeddings`: a third of GPT-2 small) in `dtype`. bf16 halves their memory and skips a cast per
+    step. Position embeddings, LayerNorms and every trainable parameter stay fp32; the models add the
+    token embeddings in the position table's dtype, so the residual stream stays fp32."""
+    for name, module in model.named_modules():
+        frozen = getattr(module, "weight", None) is not None and not module.weight.requires_grad
+        token_table = isinstance(module, nn.Embedding) and name.split(".")[-1] in ("wte", "word_embeddings")
+        if frozen and (isinstance(module, nn.Linear) or token_table):
             module.to(dtype)
 
 

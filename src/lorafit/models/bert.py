@@ -35,7 +35,10 @@ class Embeddings(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum stays in the
+        # position table's dtype.
+        x = self.word_embeddings(input_ids).to(self.position_embeddings.weight.dtype)
+        x = x + self.position_embeddings(positions)
         x = x + self.token_type_embeddings(token_type_ids)
         return self.drop(self.ln(x))
 

@@ -117,7 +117,9 @@ class GPT2(nn.Module):
                 f"sequence of {t} tokens exceeds the context length {self.config.context_length}"
             )
         positions = torch.arange(t, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum, the residual stream,
+        # stays in the position table's dtype.
+        x = self.drop(self.wte(input_ids).to(self.wpe.weight.dtype) + self.wpe(positions))
         # With right padding (what lorafit produces) the causal mask already hides the pads.
         if attention_mask is not None and bool(attention_mask[:, 0].all()):
             attention_mask = None
