@@ -213,9 +213,20 @@ def main() -> None:
     )
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--score-unused-ham",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="only score these finished protocol-(a) run directories on the unused ham, then exit",
+    )
     args = parser.parse_args()
     if not Path(args.data).is_file():
         sys.exit(f"accuracy.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
+    if args.score_unused_ham:
+        ham = unused_ham(args.data)
+        for run_dir in args.score_unused_ham:
+            print(run_dir, unused_ham_false_alarms(Path(run_dir), ham), flush=True)
+        return
     out = Path(args.out)
     results = {}
     for protocol in args.protocols.split(","):
