@@ -65,18 +65,22 @@ def unused_ham(data: str) -> list[str]:
     return texts
 
 
+def false_alarms(spam_probability: np.ndarray) -> dict:
+    """For ham-only messages: how many are called spam, and the mean log-loss of calling them ham."""
+    return {
+        "messages": len(spam_probability),
+        "called_spam": int((spam_probability > 0.5).sum()),
+        "log_loss": float(-np.log1p(-np.minimum(spam_probability, 1 - 1e-7)).mean()),
+    }
+
+
 def unused_ham_false_alarms(run_dir: Path, texts: list[str]) -> dict:
-    """How many of the unused ham messages the run's classifier calls spam, and its mean log-loss on them."""
+    """`false_alarms` of a finished run's classifier on the unused ham messages."""
     from lorafit.run import load_classifier
 
     classifier = load_classifier(run_dir)
     spam = classifier.labels.index("spam")
-    probabilities = torch.softmax(classifier.logits(texts), dim=-1)[:, spam]
-    return {
-        "messages": len(texts),
-        "called_spam": int((probabilities > 0.5).sum()),
-        "log_loss": float(-torch.log1p(-probabilities.clamp(max=1 - 1e-7)).mean()),
-    }
+    return false_alarms(torch.softmax(classifier.logits(texts), dim=-1)[:, spam].double().numpy())
 
 
 def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args: argparse.Namespace) -> dict:
@@ -170,13 +174,8 @@ def run_tfidf(data: str, protocol: str) -> dict:
         "trainable": int(model.coef_.size + model.intercept_.size),
     }
     if protocol == "a":
-        ham = unused_ham(data)
-        spam_probability = model.predict_proba(features_of_texts(ham))[:, names.index("spam")]
-        row["unused_ham"] = {
-            "messages": len(ham),
-            "called_spam": int((spam_probability > 0.5).sum()),
-            "log_loss": float(-np.log1p(-np.minimum(spam_probability, 1 - 1e-7)).mean()),
-        }
+        spam_probability = model.predict_proba(features_of_texts(unused_ham(data)))[:, names.index("spam")]
+        row["unused_ham"] = false_alarms(spam_probability)
     return row
 
 

@@ -81,9 +81,11 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
     step. Position embeddings, LayerNorms and every trainable parameter stay fp32; the models add the
     token embeddings in the position table's dtype, so the residual stream stays fp32."""
     for name, module in model.named_modules():
-        frozen = getattr(module, "weight", None) is not None and not module.weight.requires_grad
-        token_table = isinstance(module, nn.Embedding) and name.split(".")[-1] in ("wte", "word_embeddings")
-        if frozen and (isinstance(module, nn.Linear) or token_table):
+        token_table = isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in (
+            "wte",
+            "word_embeddings",
+        )
+        if (isinstance(module, nn.Linear) or token_table) and not module.weight.requires_grad:
             module.to(dtype)
 
 
