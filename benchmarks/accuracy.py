@@ -1,7 +1,10 @@
 """Accuracy benchmark: lorafit MiniLM + LoRA vs full fine-tuning vs a TF-IDF baseline on the SMS collection.
 
 Two protocols on the full UCI file:
-  (a) the reference split: balanced 747/747, seed 123, 70/10/20 -> 1,045 / 149 / 300;
+  (a) the reference split: the reference lab's (LLMs-from-scratch ch06) exact rows: the file read as its
+      `pandas.read_csv(sep="\t")` reads it (csv quoting: 5,572 rows, one of them three lines merged), 747 of
+      the 4,825 ham sampled and the 1,494 rows shuffled with `random_state=123`, cut 70/10/20 ->
+      1,045 / 149 / 300 (`lab_split`, checked against pandas in the tests);
   (b) the real-world one: all 5,574 messages, no balancing, stratified, seed 123: 72/8/20 (train / val /
       test; train + val is the 80 % the TF-IDF baseline fits on).
 
@@ -19,6 +22,7 @@ benchmarks/results/accuracy.json. Each lorafit row is a real `train_run` with th
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -30,7 +34,7 @@ import torch
 
 from lorafit.config import LORA_TARGET_MODULES, LoRAConfig, TrainConfig
 from lorafit.data import balance_classes, label_names, read_table, split_indices
-from lorafit.io import write_json_atomic
+from lorafit.io import write_json_atomic, write_text_atomic
 from lorafit.run import DataOptions, RunOptions, train_run
 
 PROTOCOLS = {
@@ -50,19 +54,66 @@ def spam_scores(metrics: dict) -> dict:
     }
 
 
+def read_like_pandas(data: str) -> tuple[list[str], list[str]]:
+    """(labels, texts) as the lab's `pd.read_csv(path, sep="\t", header=None)` reads the file: with csv
+    quoting, so a message that starts with a quote runs to the next closing quote (5,572 rows of 5,574 lines)."""
+    with open(data, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    return [row[0] for row in rows], [row[1] for row in rows]
+
+
+def lab_split(labels: list[str]) -> tuple[list[int], list[int]]:
+    """The lab's balanced shuffled rows and the ham rows it left out, as row indices.
+
+    `df[df.Label == "ham"].sample(747, random_state=123)`, then `pd.concat([ham, spam])`, then
+    `.sample(frac=1, random_state=123)`: pandas samples with `RandomState(seed).permutation(n)[:k]`.
+    The first 1,045 rows are train, the next 149 validation, the last 300 test."""
+    ham = [i for i, label in enumerate(labels) if label == "ham"]
+    spam = [i for i, label in enumerate(labels) if label == "spam"]
+    sampled = [ham[i] for i in np.random.RandomState(DATA_SEED).permutation(len(ham))[: len(spam)]]
+    balanced = sampled + spam
+    shuffled = [balanced[i] for i in np.random.RandomState(DATA_SEED).permutation(len(balanced))]
+    left_out = sorted(set(ham) - set(sampled))
+    return shuffled, left_out
+
+
+def protocol_rows(data: str, protocol: str) -> tuple[list[str], list[str], list[int], list[int], list[int]]:
+    """(texts, labels, train, val, test) of a protocol, as row indices into texts / labels."""
+    p = PROTOCOLS[protocol]
+    if protocol == "a":
+        labels, texts = read_like_pandas(data)
+        rows, _ = lab_split(labels)
+        train, val, test = split_indices(rows, p["split"], DATA_SEED, shuffle=False)
+        return texts, labels, train, val, test
+    dataset = read_table(data)
+    indices = balance_classes(dataset.labels, DATA_SEED) if p["balance"] else list(range(len(dataset.texts)))
+    stratify = dataset.labels if p["stratify"] else None
+    return dataset.texts, dataset.labels, *split_indices(indices, p["split"], DATA_SEED, stratify=stratify)
+
+
+def write_lab_split(data: str, out: Path) -> Path:
+    """Protocol (a)'s rows in the lab's order as JSONL, for `train_run` with `shuffle=False`."""
+    texts, labels, train, val, test = protocol_rows(data, "a")
+    path = out / "a-reference-split.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": texts[i], "label": labels[i]}) for i in train + val + test]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
 def unused_ham(data: str) -> list[str]:
     """Protocol (a)'s balancing leaves ~4,000 ham messages out of every split. The distinct ones whose text is
     in no split are a second, 25x larger check of false alarms (ham called spam: most of the test errors),
     for choosing a recipe without looking at test."""
-    dataset = read_table(data)
-    kept = set(balance_classes(dataset.labels, DATA_SEED))
-    seen = {dataset.texts[i] for i in kept}
-    texts = []
-    for i, (text, label) in enumerate(zip(dataset.texts, dataset.labels)):
-        if i not in kept and label == "ham" and text not in seen:
-            seen.add(text)
-            texts.append(text)
-    return texts
+    labels, texts = read_like_pandas(data)
+    kept, left_out = lab_split(labels)
+    seen = {texts[i] for i in kept}
+    unused = []
+    for i in left_out:
+        if texts[i] not in seen:
+            seen.add(texts[i])
+            unused.append(texts[i])
+    return unused
 
 
 def false_alarms(spam_probability: np.ndarray) -> dict:
@@ -100,18 +151,14 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args
         mix_classes=args.mix_classes == "on",
         keep_best=None if args.keep_best is None else args.keep_best == "on",
     )
-    options = RunOptions(
-        model="minilm-l6",
-        lora=lora,
-        train=train,
-        data=DataOptions(source=data),
-        out=str(out),
-        examples=0,
-    )
-    options.data.balance = PROTOCOLS[protocol]["balance"]
-    options.data.split = PROTOCOLS[protocol]["split"]
-    options.data.stratify = PROTOCOLS[protocol]["stratify"]
-    options.data.seed = DATA_SEED
+    p = PROTOCOLS[protocol]
+    if protocol == "a":  # the lab's rows, in its order
+        source = DataOptions(source=str(write_lab_split(data, out.parent)), balance=False, shuffle=False)
+    else:
+        source = DataOptions(source=data, balance=p["balance"], stratify=p["stratify"])
+    source.split = p["split"]
+    source.seed = DATA_SEED
+    options = RunOptions(model="minilm-l6", lora=lora, train=train, data=source, out=str(out), examples=0)
     run_dir = train_run(options, log=lambda message: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -134,18 +181,12 @@ def run_tfidf(data: str, protocol: str) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    dataset = read_table(data)
-    p = PROTOCOLS[protocol]
-    indices = balance_classes(dataset.labels, DATA_SEED) if p["balance"] else list(range(len(dataset.texts)))
-    train, val, test = split_indices(
-        indices, p["split"], DATA_SEED, stratify=dataset.labels if p["stratify"] else None
-    )
+    texts, labels, train, val, test = protocol_rows(data, protocol)
     fit_rows = train + val if protocol == "b" else train  # (b): the baseline fits on the whole 80 %
     word = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
-    texts = dataset.texts
-    names = label_names(dataset.labels)
-    y = [names.index(label) for label in dataset.labels]
+    names = label_names(labels)
+    y = [names.index(label) for label in labels]
 
     def features_of_texts(batch, fit=False):
         if fit:

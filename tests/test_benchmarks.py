@@ -8,23 +8,63 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
+import pytest  # noqa: E402
 
-from lorafit.data import balance_classes, read_table  # noqa: E402
+
+def sms_file(tmp_path: Path) -> Path:
+    """A small SMS-collection-like file, with a quoted message that csv reading merges with the next line
+    (as the UCI file has) and duplicated ham."""
+    lines = [f"spam\tWIN a prize now {i}" for i in range(7)]
+    lines += [f"ham\tsee you at {i}" for i in range(30)]
+    lines += ['ham\t"Quoted start, no end', 'ham\tswallowed by the quote"', "ham\tok", "ham\tok", "ham\tok"]
+    path = tmp_path / "sms.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_lab_split_matches_pandas(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    path = sms_file(tmp_path)
+    # The reference lab (LLMs-from-scratch ch06), verbatim in substance.
+    df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
+    num_spam = df[df["Label"] == "spam"].shape[0]
+    ham = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    balanced = pd.concat([ham, df[df["Label"] == "spam"]]).sample(frac=1, random_state=123)
+    n_train, n_val = int(len(balanced) * 0.7), int(len(balanced) * 0.1)
+
+    texts, labels, train, val, test = accuracy.protocol_rows(str(path), "a")
+
+    assert len(texts) == len(df) == 41  # 42 lines: the quoted one swallowed the next, as in pandas
+    assert "Quoted start, no end\nham\tswallowed by the quote" in texts
+    lab = list(zip(balanced["Text"], balanced["Label"]))
+    assert [(texts[i], labels[i]) for i in train] == lab[:n_train]
+    assert [(texts[i], labels[i]) for i in val] == lab[n_train : n_train + n_val]
+    assert [(texts[i], labels[i]) for i in test] == lab[n_train + n_val :]
+
+
+def test_lab_split_file_trains_on_the_same_rows(tmp_path: Path) -> None:
+    """The JSONL that the LoRA rows train on, read back by lorafit with shuffle off, gives the same split."""
+    from lorafit.run import DataOptions, _load_splits
+
+    path = sms_file(tmp_path)
+    texts, labels, *parts = accuracy.protocol_rows(str(path), "a")
+    split_file = accuracy.write_lab_split(str(path), tmp_path / "out")
+    options = DataOptions(source=str(split_file), balance=False, shuffle=False, split=(0.7, 0.1, 0.2))
+    dataset, *read_back = _load_splits(options, seed=7, log=lambda *a: None)
+    for rows, rows_back in zip(parts, read_back):
+        assert [texts[i] for i in rows] == [dataset.texts[i] for i in rows_back]
+        assert [labels[i] for i in rows] == [dataset.labels[i] for i in rows_back]
 
 
 def test_unused_ham_is_the_distinct_ham_outside_every_split(tmp_path: Path) -> None:
-    lines = [f"spam\tWIN a prize now {i}" for i in range(5)]
-    lines += [f"ham\tsee you at {i}" for i in range(30)]
-    lines += ["ham\tok", "ham\tok", "ham\tok"]  # a duplicate: counted once, or not at all if a split has it
-    path = tmp_path / "sms.tsv"
-    path.write_text("\n".join(lines) + "\n")
+    path = sms_file(tmp_path)
 
     ham = accuracy.unused_ham(str(path))
 
-    dataset = read_table(path)
-    kept = {dataset.texts[i] for i in balance_classes(dataset.labels, accuracy.DATA_SEED)}
-    all_ham = {t for t, label in zip(dataset.texts, dataset.labels) if label == "ham"}
+    texts, labels, train, val, test = accuracy.protocol_rows(str(path), "a")
+    kept = {texts[i] for i in train + val + test}
+    all_ham = {t for t, label in zip(texts, labels) if label == "ham"}
     assert len(ham) == len(set(ham))  # distinct
     assert not set(ham) & kept  # none in train, validation or test
     assert set(ham) == all_ham - kept  # and every other ham message
-    assert len(kept) == 10  # 5 spam + 5 ham kept by the balancing
+    assert len(train + val + test) == 14  # 7 spam + 7 ham kept by the balancing

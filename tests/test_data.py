@@ -410,6 +410,15 @@ def test_stratified_split_keeps_class_fractions():
     assert Counter(labels[i] for i in train) == {"a": 225, "b": 25}
 
 
+def test_split_without_shuffle_cuts_in_the_given_order():
+    rows = [5, 3, 9, 1, 7, 2, 8, 0, 6, 4]
+    assert split_indices(rows, (0.6, 0.2, 0.2), seed=0, shuffle=False) == ([5, 3, 9, 1, 7, 2], [8, 0], [6, 4])
+    labels = ["a"] * 8 + ["b"] * 2
+    train, val, test = split_indices(10, (0.5, 0.25, 0.25), seed=0, stratify=labels, shuffle=False)
+    # each class cut in order (a: 0-3 / 4-5 / 6-7, b: 8 / - / 9), every part back in the given order
+    assert (train, val, test) == ([0, 1, 2, 3, 8], [4, 5], [6, 7, 9])
+
+
 def test_label_names():
     assert label_names(["spam", "ham", "spam"]) == ["ham", "spam"]
 

@@ -159,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     data.balance = args.balance
     data.split = parse_split(args.split or "0.7,0.1,0.2")
     data.stratify = args.stratify
+    data.shuffle = args.shuffle
     data.seed = args.data_seed
     train = TrainConfig(
         epochs=args.epochs,
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="undersample the majority classes (default: on for sms-spam, off for files)")  # fmt: skip
     g.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
     g.add_argument("--stratify", action="store_true", help="keep class fractions in every split")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffle before splitting (--no-shuffle: cut the rows in file order)")  # fmt: skip
     g.add_argument(
         "--data-seed", type=int, default=None, help="seed of balancing and splitting (default: --seed)"
     )

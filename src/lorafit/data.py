@@ -435,17 +435,23 @@ def split_indices(
     fractions: tuple[float, float, float],
     seed: int,
     stratify: list[str] | None = None,
+    shuffle: bool = True,
 ) -> tuple[list[int], list[int], list[int]]:
     """Shuffle rows (0..n-1, or the given indices) and cut them into train, validation and test.
 
     train gets int(n * f_train) rows, validation int(n * f_val), test the rest. With `stratify`
     (the label of every row, looked up by index) each class is cut by the same rule, so every part
-    keeps the class proportions.
+    keeps the class proportions. With `shuffle=False` the rows are cut in the order given (a file
+    that is already split or shuffled, such as a fixed benchmark split), and every part keeps it.
     """
     indices = list(range(n_or_indices)) if isinstance(n_or_indices, int) else [int(i) for i in n_or_indices]
     rng = np.random.default_rng(seed)
+
+    def order(n: int) -> np.ndarray:
+        return rng.permutation(n) if shuffle else np.arange(n)
+
     if stratify is None:
-        return _cut([indices[i] for i in rng.permutation(len(indices))], fractions)
+        return _cut([indices[i] for i in order(len(indices))], fractions)
 
     by_class: dict[str, list[int]] = {}
     for i in indices:
@@ -455,10 +461,13 @@ def split_indices(
     test: list[int] = []
     for name in sorted(by_class):
         members = by_class[name]
-        a, b, c = _cut([members[i] for i in rng.permutation(len(members))], fractions)
+        a, b, c = _cut([members[i] for i in order(len(members))], fractions)
         train += a
         val += b
         test += c
+    if not shuffle:  # back to the given order within each part
+        position = {index: k for k, index in enumerate(indices)}
+        return tuple(sorted(part, key=position.__getitem__) for part in (train, val, test))  # type: ignore[return-value]
     # Shuffle within each part so a batch does not see one class after another.
     train, val, test = ([part[i] for i in rng.permutation(len(part))] for part in (train, val, test))
     return train, val, test

@@ -56,6 +56,7 @@ class DataOptions:
     balance: bool | None = None  # None: on for sms-spam, off for local files
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
     stratify: bool = False
+    shuffle: bool = True  # False: cut the rows in file order (balancing keeps file order too)
     seed: int | None = None  # None: the training seed
 
     def resolved_balance(self) -> bool:
@@ -146,8 +147,10 @@ def _load_splits(
     indices = (
         balance_classes(dataset.labels, seed) if data.resolved_balance() else list(range(len(dataset.texts)))
     )
+    if not data.shuffle:
+        indices = sorted(indices)
     stratify = [dataset.labels[i] for i in indices] if data.stratify else None
-    train, val, test = split_indices(indices, data.split, seed, stratify=stratify)
+    train, val, test = split_indices(indices, data.split, seed, stratify=stratify, shuffle=data.shuffle)
     if not train or not val:
         raise LorafitError(
             f"--data {data.source}: {len(indices)} rows leave an empty training or validation split with --split {data.split}"
