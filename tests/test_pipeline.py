@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, synthetic_sms
 
 from lorafit import GPT2, LoRAConfig, load_classifier
 from lorafit.batching import collate, epoch_batches
@@ -97,6 +97,26 @@ def test_load_classifier_predicts_and_eval_recomputes(tiny_gpt2_dir, sms_file, t
     main(["predict", "--run", str(out), "--json", rows[0][1]])
     line = json.loads(capsys.readouterr().out)
     assert line["label"] == results[0]["label"] and set(line["probabilities"]) == {"ham", "spam"}
+
+
+def test_no_shuffle_cuts_in_file_order_and_eval_rebuilds_it(tiny_gpt2_dir, tmp_path, capsys):
+    rows = sorted(synthetic_sms(), key=lambda row: row[0] == "spam")  # 80 ham, then 40 spam
+    data = tmp_path / "ordered.tsv"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    train_tiny(tiny_gpt2_dir, data, out, "--no-shuffle", "--epochs", "1")
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["shuffle"] is False
+    saved = json.loads((out / "metrics.json").read_text())
+    # cut in file order, 84 / 12 / 24: validation and test are the file's last 36 rows, all spam
+    assert (saved["train"]["count"], saved["val"]["count"], saved["test"]["count"]) == (84, 12, 24)
+    assert [sum(row) for row in saved["test"]["confusion_matrix"]] == [0, 24]
+    assert [sum(row) for row in saved["val"]["confusion_matrix"]] == [0, 12]
+    capsys.readouterr()
+    main(["eval", "--run", str(out), "--json"])
+    recomputed = json.loads(capsys.readouterr().out)
+    for split in ("train", "val", "test"):
+        assert recomputed[split]["confusion_matrix"] == saved[split]["confusion_matrix"]
 
 
 def test_same_seed_same_adapter(tiny_gpt2_dir, sms_file, tmp_path, capsys):
