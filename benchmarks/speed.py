@@ -13,6 +13,8 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       the same length as the reference), to isolate the levers.
   lorafit             lorafit's defaults: length-bucketed batches, bf16 where `resolve_precision("auto")`
                       picks it (frozen linears stored in bf16, as `lorafit train` does).
+  lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
+                      backward pass): the memory / time trade-off.
   hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
                       (fan_in_fan_out), padded to the reference's length, fp32; inference unmerged, batches of 8.
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
@@ -191,7 +193,7 @@ def run_reference(job: dict) -> dict:
     }
 
 
-def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
+def run_lorafit(job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`."""
     import dataclasses
 
@@ -218,6 +220,7 @@ def run_lorafit(job: dict, bucketing: bool, precision: str) -> dict:
     )
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
+    model.backbone.activation_checkpointing = activation_checkpointing
     config = resolve_train_config(
         TrainConfig(
             epochs=1, batch_size=BATCH_SIZE, lr=LR, seed=DATA_SEED, bucketing=bucketing, log_every=10**9
@@ -374,6 +377,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
         "label": "lorafit defaults (bucketing, {precision})",
+    },
+    "lorafit-checkpointing": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", activation_checkpointing=True),
+        "label": "lorafit defaults + --activation-checkpointing ({precision})",
     },
     "hf-peft-padded": {
         "needs": ["transformers", "peft"],

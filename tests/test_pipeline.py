@@ -3,6 +3,7 @@ invariances the speed levers rely on (padding, bucketing, bf16)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -321,3 +322,51 @@ def test_train_run_sends_every_line_to_its_log(tiny_gpt2_dir, sms_file, tmp_path
     assert any(line.startswith("Epoch 1 | Batch 5 | Loss:") for line in lines), lines
     assert any(line.startswith("Validation | Loss:") for line in lines), lines
     assert "Epoch 1 | Batch" not in capsys.readouterr().out  # the API's caller decides where lines go
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_activation_checkpointing_gives_the_same_gradients(family, tiny_gpt2_config):
+    """Recomputing the blocks in backward changes memory, not the result: same loss and LoRA gradients,
+    with dropout on (checkpoint replays the same dropout masks)."""
+    from lorafit.config import BertConfig
+
+    if family == "gpt2":
+        backbone = GPT2(dataclasses.replace(tiny_gpt2_config, dropout=0.1))
+    else:
+        from lorafit.models.bert import Bert
+
+        backbone = Bert(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=64))  # fmt: skip
+    torch.manual_seed(0)
+    model = SequenceClassifier(backbone, 2, "last" if family == "gpt2" else "mean")
+    apply_lora(model.backbone, LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make the A gradients non-trivial too
+        if name.endswith(".B"):
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(1, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 1, 1])
+    model.train()
+
+    def loss_and_grads(checkpointing: bool):
+        model.backbone.activation_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)
+        saved = []  # tensors the autograd graph keeps for backward (checkpointed blocks keep their own)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, sum(saved)
+
+    plain_loss, plain, plain_saved = loss_and_grads(False)
+    loss, grads, saved = loss_and_grads(True)
+    assert saved < plain_saved / 3  # the blocks' activations were not kept
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    assert plain.keys() == grads.keys() and any(n.endswith(".A") for n in grads)
+    for name in plain:
+        assert torch.allclose(grads[name], plain[name], atol=1e-6), name
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith(".A"))

@@ -177,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
+        activation_checkpointing=args.activation_checkpointing,
         device=args.device,
     )
     if args.checkpoint_every < 0:
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--no-class-mixing", action="store_true",
                    help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")

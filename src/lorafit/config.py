@@ -116,6 +116,7 @@ class TrainConfig:
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     device: str = "auto"
 
 

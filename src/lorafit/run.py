@@ -223,6 +223,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     model, before_head = build_classifier(
         spec, len(names), pooling, options.lora, seed=train_config.seed, device=device
     )
+    model.backbone.activation_checkpointing = train_config.activation_checkpointing
     seed_everything(train_config.seed)
     report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
     log(format_parameter_report(report))

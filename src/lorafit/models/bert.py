@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lorafit.config import BertConfig, config_from_dict
 from lorafit.errors import LorafitError
+from lorafit.models.gpt2 import run_block
 
 
 class Embeddings(nn.Module):
@@ -118,6 +119,7 @@ class Bert(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         # Sentence-embedding checkpoints (e.g. all-MiniLM-L6-v2) may ship without a pooler.
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if pooler else None
+        self.activation_checkpointing = False  # as in GPT2: recompute block activations in backward
         self.apply(self._init_weights)
 
     @staticmethod
@@ -143,7 +145,7 @@ class Bert(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in self.blocks:
-            x = block(x, keep)
+            x = run_block(block, x, keep, self.activation_checkpointing and self.training)
         return x
 
     def hidden_states(

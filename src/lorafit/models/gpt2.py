@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
 from ..errors import LorafitError
@@ -50,6 +51,15 @@ class CausalSelfAttention(nn.Module):
             mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def run_block(block: nn.Module, x: torch.Tensor, mask, checkpointed: bool) -> torch.Tensor:
+    """`block(x, mask)`, or the same under activation checkpointing when `checkpointed` and gradients
+    are on: only the block's input is kept, its inner activations are recomputed in the backward pass
+    (with the same dropout masks: checkpoint restores the RNG state)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, mask, use_reentrant=False)
+    return block(x, mask)
 
 
 class MLP(nn.Module):
@@ -91,6 +101,9 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        # Recompute each block's activations in the backward pass instead of keeping them (less memory,
+        # about one more forward pass of time); set by training (`--activation-checkpointing`).
+        self.activation_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
             # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
@@ -124,7 +137,7 @@ class GPT2(nn.Module):
         if attention_mask is not None and bool(attention_mask[:, 0].all()):
             attention_mask = None
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = run_block(block, x, attention_mask, self.activation_checkpointing and self.training)
         return self.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
