@@ -370,3 +370,12 @@ def test_activation_checkpointing_gives_the_same_gradients(family, tiny_gpt2_con
     for name in plain:
         assert torch.allclose(grads[name], plain[name], atol=1e-6), name
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith(".A"))
+
+
+def test_auto_precision_says_why_it_chose_fp32(tiny_gpt2_dir, sms_file, tmp_path, capsys, monkeypatch):
+    import lorafit.train
+
+    monkeypatch.setattr(lorafit.train, "cpu_has_fast_bf16", lambda: False)
+    train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "run", "--precision", "auto", "--epochs", "1")
+    printed = capsys.readouterr().out
+    assert "precision: fp32 (this CPU has no fast bf16: no AVX-512 BF16 / AMX)" in printed

@@ -232,7 +232,10 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     bucketing = "off"
     if train_config.bucketing:
         bucketing = "on, classes mixed" if train_config.mix_classes else "on, length only"
-    log(f"Device: {device} | precision: {precision} | bucketing: {bucketing}")
+    why = ""
+    if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":
+        why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"
+    log(f"Device: {device} | precision: {precision}{why} | bucketing: {bucketing}")
 
     run_dir = Path(distributed.broadcast(options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
     data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])
