@@ -11,7 +11,7 @@ import accuracy  # noqa: E402
 import pytest  # noqa: E402
 
 
-def sms_file(tmp_path: Path) -> Path:
+def lab_style_file(tmp_path: Path) -> Path:
     """A small SMS-collection-like file, with a quoted message that csv reading merges with the next line
     (as the UCI file has) and duplicated ham."""
     lines = [f"spam\tWIN a prize now {i}" for i in range(7)]
@@ -24,7 +24,7 @@ def sms_file(tmp_path: Path) -> Path:
 
 def test_lab_split_matches_pandas(tmp_path: Path) -> None:
     pd = pytest.importorskip("pandas")
-    path = sms_file(tmp_path)
+    path = lab_style_file(tmp_path)
     # The reference lab (LLMs-from-scratch ch06), verbatim in substance.
     df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
     num_spam = df[df["Label"] == "spam"].shape[0]
@@ -46,7 +46,7 @@ def test_lab_split_file_trains_on_the_same_rows(tmp_path: Path) -> None:
     """The JSONL that the LoRA rows train on, read back by lorafit with shuffle off, gives the same split."""
     from lorafit.run import DataOptions, _load_splits
 
-    path = sms_file(tmp_path)
+    path = lab_style_file(tmp_path)
     texts, labels, *parts = accuracy.protocol_rows(str(path), "a")
     split_file = accuracy.write_lab_split(str(path), tmp_path / "out")
     options = DataOptions(source=str(split_file), balance=False, shuffle=False, split=(0.7, 0.1, 0.2))
@@ -57,7 +57,7 @@ def test_lab_split_file_trains_on_the_same_rows(tmp_path: Path) -> None:
 
 
 def test_unused_ham_is_the_distinct_ham_outside_every_split(tmp_path: Path) -> None:
-    path = sms_file(tmp_path)
+    path = lab_style_file(tmp_path)
 
     ham = accuracy.unused_ham(str(path))
 
