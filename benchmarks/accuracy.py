@@ -139,7 +139,9 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args
     lora = None
     if not full:
         targets = [t for t in args.lora_targets.split(",") if t]
-        lora = LoRAConfig(rank=8, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+        lora = LoRAConfig(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets
+        )
     train = TrainConfig(
         seed=seed,
         epochs=args.epochs,
@@ -233,6 +235,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="LoRA rows' learning rate")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--lora-targets", default=",".join(LORA_TARGET_MODULES))
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -272,7 +275,7 @@ def main() -> None:
     for protocol in args.protocols.split(","):
         rows = {}
         for seed in [int(s) for s in args.seeds.split(",") if s]:
-            name = f"LoRA r8{args.tag} seed {seed}"
+            name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
             print(f"[{protocol}] lorafit MiniLM + {name} ...", flush=True)
             rows[name] = run_lorafit(
                 args.data, protocol, seed, False, out / f"{protocol}-lora{args.tag}-{seed}", args

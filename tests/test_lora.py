@@ -34,6 +34,26 @@ def test_lora_forward_formula():
     assert torch.allclose(lora(x), expected, atol=1e-6)
 
 
+def test_lora_forward_under_bf16_autocast_and_with_bf16_base():
+    """Under autocast the update's products run in bf16 whatever the input dtype (so the input is not
+    copied to fp32 first); without autocast a bf16 base still gets an fp32 update, cast to its output."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), rank=4, alpha=8)
+    nn.init.normal_(layer.B)
+    layer.base.to(torch.bfloat16)
+    for x in (torch.randn(3, 5, 16), torch.randn(3, 5, 16).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+            expected = layer.base(x) + ((x.bfloat16() @ layer.A.bfloat16()) @ layer.B.bfloat16()) * 2.0
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    x = torch.randn(3, 5, 16).bfloat16()
+    got = layer(x)
+    expected = layer.base(x) + ((x.float() @ layer.A) @ layer.B * 2.0).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_merge_unmerge_agree(tiny_gpt2_config):
     torch.manual_seed(0)
     model = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=4, alpha=8))

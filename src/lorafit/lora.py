@@ -53,7 +53,13 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if self.merged:
             return result
-        update = (self.dropout(x).to(self.A.dtype) @ self.A) @ self.B
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Outside autocast the update is computed in the adapter's dtype (fp32) even when the base runs
+            # in bf16. Under autocast the products run in bf16 anyway: an fp32 copy of x would be cast
+            # straight back (profiled on an AMX CPU: 28 ms of a 174 ms GPT-2 forward).
+            x = x.to(self.A.dtype)
+        update = (x @ self.A) @ self.B
         return result + (update * self.scaling).to(result.dtype)
 
     @torch.no_grad()
