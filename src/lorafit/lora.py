@@ -54,12 +54,16 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         x = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            # Outside autocast the update is computed in the adapter's dtype (fp32) even when the base runs
-            # in bf16. Under autocast the products run in bf16 anyway: an fp32 copy of x would be cast
-            # straight back (profiled on an AMX CPU: 28 ms of a 174 ms GPT-2 forward).
-            x = x.to(self.A.dtype)
-        update = (x @ self.A) @ self.B
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == result.dtype == self.A.dtype:
+            # One product-and-add, `result + scaling · (x A) B`, instead of a product, a scaling and an add
+            # over the whole output (measured: 3.6 % off a GPT-2 124M training step in fp32). Under
+            # autocast its products run in bf16; x is not copied to fp32 first (profiled on an AMX CPU:
+            # that copy, cast straight back, cost 28 ms of a 174 ms GPT-2 forward).
+            inner = x.reshape(-1, x.shape[-1]) @ self.A
+            flat = result.reshape(-1, result.shape[-1])
+            return torch.addmm(flat, inner, self.B, alpha=self.scaling).view(result.shape)
+        # A bf16 base outside autocast: the update in the adapter's dtype (fp32), cast to the output's.
+        update = (x.to(self.A.dtype) @ self.A) @ self.B
         return result + (update * self.scaling).to(result.dtype)
 
     @torch.no_grad()
