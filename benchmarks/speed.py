@@ -15,6 +15,7 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       picks it (frozen linears stored in bf16, as `lorafit train` does).
   lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
                       backward pass): the memory / time trade-off.
+  lorafit-packed      lorafit with `--packing`: random batches, each packed into one row with no padding.
   hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
                       (fan_in_fan_out), padded to the reference's length, fp32; inference unmerged, batches of 8.
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
@@ -193,7 +194,9 @@ def run_reference(job: dict) -> dict:
     }
 
 
-def run_lorafit(job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False) -> dict:
+def run_lorafit(
+    job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False, packing: bool = False
+) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`."""
     import dataclasses
 
@@ -223,7 +226,13 @@ def run_lorafit(job: dict, bucketing: bool, precision: str, activation_checkpoin
     model.backbone.activation_checkpointing = activation_checkpointing
     config = resolve_train_config(
         TrainConfig(
-            epochs=1, batch_size=BATCH_SIZE, lr=LR, seed=DATA_SEED, bucketing=bucketing, log_every=10**9
+            epochs=1,
+            batch_size=BATCH_SIZE,
+            lr=LR,
+            seed=DATA_SEED,
+            bucketing=bucketing,
+            log_every=10**9,
+            packing=packing,
         ),
         "gpt2",
     )
@@ -246,12 +255,12 @@ def run_lorafit(job: dict, bucketing: bool, precision: str, activation_checkpoin
     timed = split(job["timed_idx"])
     seconds = run(timed)
     lengths = [len(r) for r in timed.rows]
-    widths = [
-        max(pad_to or 0, max(lengths[i] for i in batch)) for batch in training_batches(timed, config, epoch=1)
-    ]
-    result = timing_result(
-        seconds, len(widths), len(timed.rows), sum(lengths), sum(w * BATCH_SIZE for w in widths)
-    )
+    batches = training_batches(timed, config, epoch=1)
+    if packing:  # one row of the batch's real tokens
+        padded = sum(lengths)
+    else:
+        padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
+    result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
 
     model.eval()
     merge_lora(model)
@@ -382,6 +391,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", activation_checkpointing=True),
         "label": "lorafit defaults + --activation-checkpointing ({precision})",
+    },
+    "lorafit-packed": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packing=True),
+        "label": "lorafit --packing ({precision})",
     },
     "hf-peft-padded": {
         "needs": ["transformers", "peft"],

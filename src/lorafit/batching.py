@@ -76,3 +76,35 @@ def collate(
         input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
     return input_ids, attention_mask
+
+
+def collate_packed(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack `rows` end to end into one row without padding: `(input_ids, lengths)`, shapes 1 × total and n.
+
+    The models keep the rows apart with `segment_positions` (each row's positions restart at 0) and
+    `segment_mask` (a token attends only within its own row), so every row computes exactly what it
+    computes alone, and a batch costs its real tokens only."""
+    lengths = torch.as_tensor([len(r) for r in rows], dtype=torch.long)
+    input_ids = torch.as_tensor([token for row in rows for token in row], dtype=torch.long)
+    return input_ids.unsqueeze(0), lengths
+
+
+def segment_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """Position ids of a packed row: 0, 1, …, n₁−1, 0, 1, …, n₂−1, …"""
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
+
+
+def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
+    """Which packed row each token belongs to: 0 … 0, 1 … 1, …"""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+
+
+def segment_mask(lengths: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean attention mask (1 × 1 × total × total) of a packed row: block diagonal, one block per row,
+    and lower triangular within each block when `causal`."""
+    ids = segment_ids(lengths)
+    mask = ids[:, None] == ids[None, :]
+    if causal:
+        mask = mask.tril()
+    return mask[None, None]

@@ -174,12 +174,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         precision=args.precision,
         bucketing=not args.no_bucketing,
         mix_classes=not args.no_class_mixing,
+        packing=args.packing,
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
         activation_checkpointing=args.activation_checkpointing,
         device=args.device,
     )
+    if args.packing and args.no_bucketing:
+        raise LorafitError("--packing and --no-bucketing exclude each other (packed batches have no padding)")
     if args.checkpoint_every < 0:
         raise LorafitError(
             f"--checkpoint-every must be 0 (epoch ends only) or more, got {args.checkpoint_every}"
@@ -338,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--no-class-mixing", action="store_true",
                    help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
+    g.add_argument("--packing", action="store_true",
+                   help="random batches, each packed into one row with no padding (rows kept apart by the "
+                        "attention mask and their own positions); replaces bucketing")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")

@@ -113,6 +113,7 @@ class TrainConfig:
     bucketing: bool = True  # length-grouped batches padded to their own longest row
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
+    packing: bool = False  # random batches, each packed into one row without padding (bucketing unused)
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss

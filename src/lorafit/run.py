@@ -230,7 +230,9 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
     bucketing = "off"
-    if train_config.bucketing:
+    if train_config.packing:
+        bucketing = "off, batches packed without padding"
+    elif train_config.bucketing:
         bucketing = "on, classes mixed" if train_config.mix_classes else "on, length only"
     why = ""
     if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import collate, epoch_batches, sorted_batches
+from .batching import collate, collate_packed, epoch_batches, sorted_batches
 from .config import TrainConfig
 from .errors import LorafitError
 
@@ -202,9 +202,10 @@ class Split:
 
 def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.ndarray]:
     """The batches (arrays of row indices) `fit` trains on in `epoch`, as `config` says to build them."""
+    # Packed batches carry no padding, so they need no length grouping: plain random batches.
     return epoch_batches(
         [len(r) for r in train.rows], config.batch_size, seed=config.seed, epoch=epoch,
-        bucketing=config.bucketing, window_batches=config.bucket_batches,
+        bucketing=config.bucketing and not config.packing, window_batches=config.bucket_batches,
         labels=train.labels if config.mix_classes else None,
     )  # fmt: skip
 
@@ -321,10 +322,15 @@ def fit(
             # A rank left without rows (a last batch smaller than the world) still joins the all-reduce.
             weight = 1.0 if rows else 0.0
             rows = rows or list(batch[:1])
-            input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
             targets = torch.as_tensor([train.labels[i] for i in rows], dtype=torch.long, device=device)
+            if config.packing:
+                input_ids, lengths = collate_packed([train.rows[i] for i in rows])
+                inputs = (input_ids.to(device), None, lengths.to(device))
+            else:
+                input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
+                inputs = (input_ids.to(device), attention_mask.to(device))
             with autocast(device, precision):
-                logits = forward(input_ids.to(device), attention_mask.to(device))
+                logits = forward(*inputs)
             if world == 1:
                 loss = F.cross_entropy(logits.float(), targets)
                 (loss / config.grad_accum).backward()

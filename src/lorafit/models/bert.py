@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafit.batching import segment_mask, segment_positions
 from lorafit.config import BertConfig, config_from_dict
 from lorafit.errors import LorafitError
 from lorafit.models.gpt2 import run_block
@@ -32,8 +33,11 @@ class Embeddings(nn.Module):
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum stays in the
@@ -62,7 +66,8 @@ class SelfAttention(nn.Module):
         self.attn_dropout = config.attention_probs_dropout_prob
 
     def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
-        """`keep` is a boolean (batch, 1, 1, seq) mask of the keys to attend to, or None for all."""
+        """`keep` is a boolean mask of the keys to attend to, (batch, 1, 1, seq) for padding or
+        (1, 1, seq, seq) for packed rows, or None for all."""
         B, T, C = x.shape
         # Call the projections as modules (never touch .weight): LoRA swaps them for wrappers.
         q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -134,25 +139,40 @@ class Bert(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
-        """Last hidden states (batch, seq, hidden). `attention_mask` is (batch, seq), 1 = token, 0 = pad."""
-        T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
+        """Last hidden states (batch, seq, hidden). `attention_mask` is (batch, seq), 1 = token, 0 = pad.
+        `lengths` instead says that the single row of `input_ids` packs rows of these lengths end to end
+        (`batching.collate_packed`): each gets its own positions and attends only within itself."""
+        longest = input_ids.shape[1] if lengths is None else int(lengths.max())
+        if longest > self.config.max_position_embeddings:
             raise LorafitError(
-                f"sequence length {T} exceeds the model's maximum of {self.config.max_position_embeddings} tokens"
+                f"sequence length {longest} exceeds the model's maximum of "
+                f"{self.config.max_position_embeddings} tokens"
             )
-        x = self.embeddings(input_ids, token_type_ids)
-        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if lengths is not None:
+            x = self.embeddings(input_ids, token_type_ids, segment_positions(lengths))
+            keep = segment_mask(lengths, causal=False)
+        else:
+            x = self.embeddings(input_ids, token_type_ids)
+            keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in self.blocks:
             x = run_block(block, x, keep, self.activation_checkpointing and self.training)
         return x
 
     def hidden_states(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         """Same as `forward`; the name the classifier heads call on any backbone."""
-        return self.forward(input_ids, attention_mask, token_type_ids)
+        return self.forward(input_ids, attention_mask, token_type_ids, lengths)
 
     def pool_cls(self, hidden_states: Tensor) -> Tensor:
         """(batch, hidden) from the [CLS] position: tanh(pooler(h_cls)), or raw h_cls without a pooler."""

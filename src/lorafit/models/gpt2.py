@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..batching import segment_mask, segment_positions
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
 from ..errors import LorafitError
 
@@ -31,7 +32,9 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: a boolean (batch or 1) × 1 × seq × seq mask of allowed keys that already includes
+        causality (see `GPT2.hidden_states`), or None for plain causal attention."""
         b, t, d = x.shape
         h = self.n_head
 
@@ -40,15 +43,9 @@ class CausalSelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         dropout = self.dropout if self.training else 0.0
-        # Right padding never influences real tokens under a causal mask, so the padding mask is
-        # only needed for left-padded input; without it SDPA can use its fused causal kernel.
-        if attention_mask is None:
+        if mask is None:  # SDPA's fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            mask = causal & attention_mask[:, None, None, :].bool()
-            # A row that sees no key at all (a left pad) would give NaN: let it see itself.
-            mask = mask | torch.eye(t, dtype=torch.bool, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -81,8 +78,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), attention_mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), mask))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
 
@@ -121,23 +118,40 @@ class GPT2(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final (post `ln_f`) hidden states, batch × seq × d_model."""
+        """Final (post `ln_f`) hidden states, batch × seq × d_model.
+
+        `attention_mask` (batch × seq, 1 = token) marks padding. `lengths` instead says that the single
+        row of `input_ids` packs rows of these lengths end to end (`batching.collate_packed`): each gets
+        its own positions and attends only within itself."""
         t = input_ids.shape[1]
-        if t > self.config.context_length:
+        longest = t if lengths is None else int(lengths.max())
+        if longest > self.config.context_length:
             raise LorafitError(
-                f"sequence of {t} tokens exceeds the context length {self.config.context_length}"
+                f"sequence of {longest} tokens exceeds the context length {self.config.context_length}"
             )
-        positions = torch.arange(t, device=input_ids.device)
+        mask = None
+        if lengths is not None:
+            positions = segment_positions(lengths)
+            mask = segment_mask(lengths, causal=True)
+        else:
+            positions = torch.arange(t, device=input_ids.device)
+            # With right padding (what lorafit produces) the causal mask already hides the pads, and SDPA
+            # can use its fused causal kernel; only left padding needs an explicit mask.
+            if attention_mask is not None and not bool(attention_mask[:, 0].all()):
+                causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+                mask = causal & attention_mask[:, None, None, :].bool()
+                # A row that sees no key at all (a left pad) would give NaN: let it see itself.
+                mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
         # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum, the residual stream,
         # stays in the position table's dtype.
         x = self.drop(self.wte(input_ids).to(self.wpe.weight.dtype) + self.wpe(positions))
-        # With right padding (what lorafit produces) the causal mask already hides the pads.
-        if attention_mask is not None and bool(attention_mask[:, 0].all()):
-            attention_mask = None
         for block in self.blocks:
-            x = run_block(block, x, attention_mask, self.activation_checkpointing and self.training)
+            x = run_block(block, x, mask, self.activation_checkpointing and self.training)
         return self.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""Packed batches (`--packing`): rows end to end in one row, kept apart by positions and the attention
+mask, must compute exactly what padded batches compute: logits, loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_main
+
+from lorafit import GPT2, LoRAConfig, apply_lora
+from lorafit.batching import collate, collate_packed, segment_mask, segment_positions
+from lorafit.classifier import SequenceClassifier
+from lorafit.config import BertConfig, TrainConfig
+from lorafit.models.bert import Bert
+from lorafit.train import Split, training_batches
+
+ROWS = [[10, 20, 30], [40, 50, 60, 70, 80, 90], [7], [11, 12, 13, 14]]
+
+
+def test_collate_packed_positions_and_mask():
+    input_ids, lengths = collate_packed([[5, 6], [7], [8, 9, 10]])
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert lengths.tolist() == [2, 1, 3]
+    assert segment_positions(lengths).tolist() == [0, 1, 0, 0, 1, 2]
+    causal = segment_mask(lengths, causal=True)[0, 0].int().tolist()
+    assert causal == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
+    both_ways = segment_mask(lengths, causal=False)[0, 0].int()
+    assert both_ways[3:, 3:].sum() == 9 and both_ways[:2, 2:].sum() == 0
+
+
+def _classifier(family: str, pooling: str, tiny_gpt2_config) -> SequenceClassifier:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        backbone = GPT2(tiny_gpt2_config)
+    else:
+        config = BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+        )
+        backbone = Bert(config)
+    model = SequenceClassifier(apply_lora(backbone, LoRAConfig(rank=4)), 2, pooling)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def packed(rows):
+    input_ids, lengths = collate_packed(rows)
+    return input_ids, None, lengths
+
+
+CASES = [("gpt2", "last"), ("gpt2", "mean"), ("bert", "mean"), ("bert", "cls"), ("bert", "pooler")]
+
+
+@pytest.mark.parametrize("family,pooling", CASES)
+def test_packed_logits_loss_and_gradients_equal_padded(family, pooling, tiny_gpt2_config):
+    model = _classifier(family, pooling, tiny_gpt2_config).eval()  # no dropout; gradients still flow
+    targets = torch.tensor([0, 1, 1, 0])
+
+    def loss_and_grads(logits):
+        loss = F.cross_entropy(logits, targets)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return loss, torch.autograd.grad(loss, trainable)
+
+    padded_logits = model(*collate(ROWS, 0))
+    packed_logits = model(*packed(ROWS))
+    torch.testing.assert_close(packed_logits, padded_logits, rtol=1e-5, atol=1e-5)
+    padded_loss, padded_grads = loss_and_grads(padded_logits)
+    packed_loss, packed_grads = loss_and_grads(packed_logits)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_do_not_see_each_other(tiny_gpt2_config):
+    model = _classifier("bert", "mean", tiny_gpt2_config).eval()
+    with torch.no_grad():
+        first = model(*packed([ROWS[0], ROWS[1]]))
+        changed = model(*packed([ROWS[0], [99, 98, 97]]))
+    torch.testing.assert_close(first[0], changed[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(first[1], changed[1])
+
+
+def test_packing_uses_random_batches():
+    train = Split(rows=[[1] * n for n in range(1, 65)], labels=[i % 2 for i in range(64)])
+    packed = training_batches(train, TrainConfig(packing=True, seed=1), epoch=1)
+    random_batches = training_batches(train, TrainConfig(bucketing=False, seed=1), epoch=1)
+    assert [b.tolist() for b in packed] == [b.tolist() for b in random_batches]
+
+
+def test_cli_packing_trains_and_logs_it(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    code, out, err = run_main(
+        ["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--epochs", "1", "--packing",
+         "--out", str(tmp_path / "run"), "--examples", "0"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "batches packed without padding" in out + err
+    assert "Test accuracy" in out + err
+
+
+def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+    code, out, err = run_main(
+        ["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--packing", "--no-bucketing",
+         "--out", str(tmp_path / "run")],
+        capsys,
+    )  # fmt: skip
+    assert code != 0
+    assert "--packing and --no-bucketing exclude each other" in err
