@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--keep-best", choices=["on", "off"], default=None)
     parser.add_argument("--bucket-batches", type=int, default=32)
     parser.add_argument("--mix-classes", choices=["on", "off"], default="on")
-    parser.add_argument("--packing", choices=["on", "off"], default="off", help="on: lorafit's --packing")
+    parser.add_argument("--packing", choices=["on", "off"], default="on", help="off: lorafit's --no-packing")
     parser.add_argument(
         "--bucketing", choices=["on", "off"], default="on", help="off: padded to the longest row"
     )

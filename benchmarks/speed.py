@@ -11,11 +11,13 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       over the test set in padded batches of 8 under no_grad.
   lorafit-fp32-padded lorafit's `fit` with `--no-bucketing --precision fp32` behaviour (every batch padded to
                       the same length as the reference), to isolate the levers.
-  lorafit             lorafit's defaults: length-bucketed batches, bf16 where `resolve_precision("auto")`
-                      picks it (frozen linears stored in bf16, as `lorafit train` does).
+  lorafit             lorafit's defaults: random batches packed into rows as wide as their longest text
+                      (`--packing`), bf16 where `resolve_precision("auto")` picks it (frozen linears stored
+                      in bf16, as `lorafit train` does).
+  lorafit-bucketed    the same with `--no-packing`: class-mixed length buckets, each batch padded to its own
+                      longest text (the default before packing).
   lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
                       backward pass): the memory / time trade-off.
-  lorafit-packed      lorafit with `--packing`: random batches, each packed into one row with no padding.
   hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
                       (fan_in_fan_out), padded to the reference's length, fp32; inference unmerged, batches of 8.
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
@@ -195,13 +197,14 @@ def run_reference(job: dict) -> dict:
 
 
 def run_lorafit(
-    job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False, packing: bool = False
+    job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False, packing: bool = True
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`."""
     import dataclasses
 
     import torch
 
+    from lorafit.batching import collate_packed
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.lora import merge_lora
@@ -256,8 +259,8 @@ def run_lorafit(
     seconds = run(timed)
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
-    if packing:  # one row of the batch's real tokens
-        padded = sum(lengths)
+    if packing and bucketing:
+        padded = sum(collate_packed([timed.rows[i] for i in batch], PAD_ID)[0].numel() for batch in batches)
     else:
         padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
     result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
@@ -385,17 +388,17 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "lorafit": {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
-        "label": "lorafit defaults (bucketing, {precision})",
+        "label": "lorafit defaults (packed batches, {precision})",
+    },
+    "lorafit-bucketed": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packing=False),
+        "label": "lorafit --no-packing (class-mixed buckets, {precision})",
     },
     "lorafit-checkpointing": {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", activation_checkpointing=True),
         "label": "lorafit defaults + --activation-checkpointing ({precision})",
-    },
-    "lorafit-packed": {
-        "needs": [],
-        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packing=True),
-        "label": "lorafit --packing ({precision})",
     },
     "hf-peft-padded": {
         "needs": ["transformers", "peft"],

@@ -3,13 +3,15 @@ mask, must compute exactly what padded batches compute: logits, loss and gradien
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_main
 
 from lorafit import GPT2, LoRAConfig, apply_lora
-from lorafit.batching import collate, collate_packed, segment_mask, segment_positions
+from lorafit.batching import collate, collate_packed, segment_mask
 from lorafit.classifier import SequenceClassifier
 from lorafit.config import BertConfig, TrainConfig
 from lorafit.models.bert import Bert
@@ -18,22 +20,18 @@ from lorafit.train import Split, training_batches
 ROWS = [[10, 20, 30], [40, 50, 60, 70, 80, 90], [7], [11, 12, 13, 14]]
 
 
-def test_collate_packed_positions_and_mask():
-    input_ids, lengths = collate_packed([[5, 6], [7], [8, 9, 10]])
-    assert input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
-    assert lengths.tolist() == [2, 1, 3]
-    assert segment_positions(lengths).tolist() == [0, 1, 0, 0, 1, 2]
-    causal = segment_mask(lengths, causal=True)[0, 0].int().tolist()
-    assert causal == [
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0],
-        [0, 0, 0, 1, 1, 0],
-        [0, 0, 0, 1, 1, 1],
-    ]
-    both_ways = segment_mask(lengths, causal=False)[0, 0].int()
-    assert both_ways[3:, 3:].sum() == 9 and both_ways[:2, 2:].sum() == 0
+def test_collate_packed_first_fit_positions_segments_and_mask():
+    input_ids, positions, segments = collate_packed([[5, 6], [7], [8, 9, 10], [1, 2]], pad_id=0)
+    # Width 3 (the longest row); longest first: [8, 9, 10] | [5, 6] + [7] | [1, 2] + padding.
+    assert input_ids.tolist() == [[8, 9, 10], [5, 6, 7], [1, 2, 0]]
+    assert positions.tolist() == [[0, 1, 2], [0, 1, 0], [0, 1, 0]]
+    assert segments.tolist() == [[2, 2, 2], [0, 0, 1], [3, 3, -1]]
+    causal = segment_mask(segments, causal=True)[:, 0].int().tolist()
+    assert causal[1] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert causal[2] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]  # the pad sees only itself
+    both_ways = segment_mask(segments, causal=False)[:, 0].int().tolist()
+    assert both_ways[0] == [[1, 1, 1]] * 3
+    assert both_ways[1] == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
 
 
 def _classifier(family: str, pooling: str, tiny_gpt2_config) -> SequenceClassifier:
@@ -53,8 +51,8 @@ def _classifier(family: str, pooling: str, tiny_gpt2_config) -> SequenceClassifi
 
 
 def packed(rows):
-    input_ids, lengths = collate_packed(rows)
-    return input_ids, None, lengths
+    input_ids, positions, segments = collate_packed(rows, pad_id=0)
+    return input_ids, None, positions, segments
 
 
 CASES = [("gpt2", "last"), ("gpt2", "mean"), ("bert", "mean"), ("bert", "cls"), ("bert", "pooler")]
@@ -80,13 +78,21 @@ def test_packed_logits_loss_and_gradients_equal_padded(family, pooling, tiny_gpt
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_packed_rows_do_not_see_each_other(tiny_gpt2_config):
-    model = _classifier("bert", "mean", tiny_gpt2_config).eval()
-    with torch.no_grad():
-        first = model(*packed([ROWS[0], ROWS[1]]))
-        changed = model(*packed([ROWS[0], [99, 98, 97]]))
-    torch.testing.assert_close(first[0], changed[0], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(first[1], changed[1])
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_texts_packed_into_one_row_do_not_see_each_other(family, tiny_gpt2_config):
+    model = _classifier(family, "mean", tiny_gpt2_config).eval()
+    for before in (True, False):  # the changed text before, then after ROWS[0] in the shared packed row
+
+        def batch(other, before=before):
+            return [ROWS[1], other, ROWS[0]] if before else [ROWS[1], ROWS[0], other]
+
+        assert collate_packed(batch([7, 8, 9]), 0)[0].shape == (2, 6)  # ROWS[0] and the other share row 2
+        with torch.no_grad():
+            first = model(*packed(batch([7, 8, 9])))
+            changed = model(*packed(batch([99, 98, 97])))
+        same, other = (2, 1) if before else (1, 2)
+        torch.testing.assert_close(first[same], changed[same], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(first[other], changed[other])
 
 
 def test_packing_uses_random_batches():
@@ -96,15 +102,25 @@ def test_packing_uses_random_batches():
     assert [b.tolist() for b in packed] == [b.tolist() for b in random_batches]
 
 
-def test_cli_packing_trains_and_logs_it(tiny_gpt2_dir, sms_file, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags,logged",
+    [
+        ([], "batches: random, texts packed into rows"),
+        (["--no-packing"], "batches: length-bucketed, classes mixed (--no-packing)"),
+        (["--no-bucketing"], "batches: random, padded to"),
+    ],
+)
+def test_cli_batching_modes_train_and_say_which(tiny_gpt2_dir, sms_file, tmp_path, capsys, flags, logged):
     code, out, err = run_main(
-        ["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--epochs", "1", "--packing",
+        ["train", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--epochs", "1", *flags,
          "--out", str(tmp_path / "run"), "--examples", "0"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert "batches packed without padding" in out + err
+    assert logged in out + err
     assert "Test accuracy" in out + err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["packing"] == (flags == [])
 
 
 def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path, capsys):

@@ -78,33 +78,47 @@ def collate(
     return input_ids, attention_mask
 
 
-def collate_packed(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack `rows` end to end into one row without padding: `(input_ids, lengths)`, shapes 1 × total and n.
+def collate_packed(
+    rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack `rows` end to end into as few rows as hold them, each as wide as the longest of `rows` (first
+    fit, longest first), so a batch costs its real tokens plus a little padding in its last packed rows.
 
-    The models keep the rows apart with `segment_positions` (each row's positions restart at 0) and
-    `segment_mask` (a token attends only within its own row), so every row computes exactly what it
-    computes alone, and a batch costs its real tokens only."""
-    lengths = torch.as_tensor([len(r) for r in rows], dtype=torch.long)
-    input_ids = torch.as_tensor([token for row in rows for token in row], dtype=torch.long)
-    return input_ids.unsqueeze(0), lengths
+    Returns `(input_ids, positions, segments)`, all packed rows × width: `positions` restart at 0 for
+    each row of `rows`; `segments` says which of `rows` each token belongs to (-1: padding). The models
+    let a token attend only within its own segment (`segment_mask`), so every row computes exactly what
+    it computes alone."""
+    width = max(len(r) for r in rows)
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
+        for b in range(len(bins)):
+            if len(rows[i]) <= free[b]:
+                bins[b].append(i)
+                free[b] -= len(rows[i])
+                break
+        else:
+            bins.append([i])
+            free.append(width - len(rows[i]))
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    segments = torch.full((len(bins), width), -1, dtype=torch.long)
+    for b, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            n = len(rows[i])
+            input_ids[b, offset : offset + n] = torch.as_tensor(rows[i], dtype=torch.long)
+            positions[b, offset : offset + n] = torch.arange(n)
+            segments[b, offset : offset + n] = i
+            offset += n
+    return input_ids, positions, segments
 
 
-def segment_positions(lengths: torch.Tensor) -> torch.Tensor:
-    """Position ids of a packed row: 0, 1, …, n₁−1, 0, 1, …, n₂−1, …"""
-    starts = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
-
-
-def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
-    """Which packed row each token belongs to: 0 … 0, 1 … 1, …"""
-    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-
-
-def segment_mask(lengths: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Boolean attention mask (1 × 1 × total × total) of a packed row: block diagonal, one block per row,
-    and lower triangular within each block when `causal`."""
-    ids = segment_ids(lengths)
-    mask = ids[:, None] == ids[None, :]
+def segment_mask(segments: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean attention mask (packed rows × 1 × width × width): a token attends to the tokens of its own
+    segment (padding, -1, only to padding), and with `causal` only to those at or before it."""
+    mask = segments[:, :, None] == segments[:, None, :]
     if causal:
-        mask = mask.tril()
-    return mask[None, None]
+        width = segments.shape[1]
+        mask = mask & torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    return mask[:, None]

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batching import segment_ids
 from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
 from .errors import LorafitError
 from .lora import ParameterCount, apply_lora, count_parameters
@@ -54,33 +53,35 @@ class SequenceClassifier(nn.Module):
             return hidden[:, 0]
         return self.backbone.pool_cls(hidden)
 
-    def pool_packed(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """`pool` for one packed row (total × hidden) of rows of `lengths`: one vector per row."""
-        ends = torch.cumsum(lengths, 0)
-        starts = ends - lengths
-        if self.pooling == "last":
-            return hidden[ends - 1]
+    def pool_packed(self, hidden: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """`pool` for packed rows (`batching.collate_packed`): one vector per text, in the texts' order."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        segments = segments.reshape(-1)
+        real = segments >= 0
+        owner, index = segments[real], torch.arange(len(segments), device=segments.device)[real]
+        texts = int(owner.max()) + 1
         if self.pooling == "mean":
-            sums = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(
-                0, segment_ids(lengths), hidden
-            )
-            return sums / lengths.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "cls":
-            return hidden[starts]
-        return self.backbone.pool_cls(hidden[starts].unsqueeze(1))
+            sums = flat.new_zeros(texts, flat.shape[-1]).index_add_(0, owner, flat[index])
+            return sums / torch.bincount(owner, minlength=texts).unsqueeze(-1).to(flat.dtype)
+        reduce = "amax" if self.pooling == "last" else "amin"  # last token, or the first ([CLS])
+        picked = torch.full((texts,), -1, dtype=torch.long, device=flat.device)
+        picked = picked.scatter_reduce(0, owner, index, reduce, include_self=False)
+        if self.pooling == "pooler":
+            return self.backbone.pool_cls(flat[picked].unsqueeze(1))
+        return flat[picked]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        lengths: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (rows × classes). Padded rows with their `attention_mask`, or one packed row with the
-        `lengths` of the rows in it (`batching.collate_packed`)."""
-        if lengths is not None:
-            hidden = self.backbone.hidden_states(input_ids, lengths=lengths)
-            pooled = self.pool_packed(hidden[0], lengths)
-            return self.head(pooled.float())
+        """Logits (texts × classes): of padded rows with their `attention_mask`, or of packed rows with
+        their `positions` and `segments` (`batching.collate_packed`)."""
+        if segments is not None:
+            hidden = self.backbone.hidden_states(input_ids, positions=positions, segments=segments)
+            return self.head(self.pool_packed(hidden, segments).float())
         hidden = self.backbone.hidden_states(input_ids, attention_mask)
         pooled = self.pool(hidden, attention_mask)
         # Only the pooled rows go through the head, in fp32 (it is trainable and tiny).

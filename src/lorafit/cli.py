@@ -174,14 +174,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         precision=args.precision,
         bucketing=not args.no_bucketing,
         mix_classes=not args.no_class_mixing,
-        packing=args.packing,
+        packing=args.packing is not False and not args.no_bucketing,
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
         activation_checkpointing=args.activation_checkpointing,
         device=args.device,
     )
-    if args.packing and args.no_bucketing:
+    if args.packing and args.no_bucketing:  # only an explicit --packing
         raise LorafitError("--packing and --no-bucketing exclude each other (packed batches have no padding)")
     if args.checkpoint_every < 0:
         raise LorafitError(
@@ -340,10 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bucketing", action="store_true",
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--no-class-mixing", action="store_true",
-                   help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
-    g.add_argument("--packing", action="store_true",
-                   help="random batches, each packed into one row with no padding (rows kept apart by the "
-                        "attention mask and their own positions); replaces bucketing")  # fmt: skip
+                   help="with --no-packing: bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
+    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="random batches whose texts are packed end to end into rows as wide as the batch's "
+                        "longest text, kept apart by the attention mask and their own positions (default); "
+                        "--no-packing: length-bucketed batches, each padded to its own longest text")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")

@@ -110,10 +110,12 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: int = 32
     precision: str = "auto"  # auto | bf16 | fp32
-    bucketing: bool = True  # length-grouped batches padded to their own longest row
+    bucketing: bool = True  # False: the reference behaviour, random batches padded to the max length
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
+    # Random batches whose texts are packed end to end into rows as wide as the batch's longest (almost no
+    # padding). False: length-bucketed batches, each padded to its own longest row. Needs `bucketing`.
+    packing: bool = True
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
-    packing: bool = False  # random batches, each packed into one row without padding (bucketing unused)
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss

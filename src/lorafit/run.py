@@ -36,6 +36,7 @@ from .train import (
     evaluate,
     fit,
     metrics_from_logits,
+    packs_batches,
     predict_logits,
     resolve_device,
     resolve_precision,
@@ -91,7 +92,9 @@ def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOpti
         pooling=config["pooling"],
         lora=config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None,
         # A run written before class mixing existed batched by length alone: resume it the same way.
-        train=config_from_dict(TrainConfig, {"mix_classes": False, **config["train"]}),
+        # A run written before packing existed trained on bucketed batches, and one written before class
+        # mixing by length alone: resume it the same way.
+        train=config_from_dict(TrainConfig, {"mix_classes": False, "packing": False, **config["train"]}),
         data=config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])}),
         max_length=config["max_length"],
         out=str(run_dir),
@@ -229,15 +232,16 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     log(format_parameter_report(report))
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
-    bucketing = "off"
-    if train_config.packing:
-        bucketing = "off, batches packed without padding"
+    batching = f"random, padded to {max_length} (--no-bucketing)"
+    if packs_batches(train_config):
+        batching = "random, texts packed into rows"
     elif train_config.bucketing:
-        bucketing = "on, classes mixed" if train_config.mix_classes else "on, length only"
+        mixing = "classes mixed" if train_config.mix_classes else "length only"
+        batching = f"length-bucketed, {mixing} (--no-packing)"
     why = ""
     if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":
         why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"
-    log(f"Device: {device} | precision: {precision}{why} | bucketing: {bucketing}")
+    log(f"Device: {device} | precision: {precision}{why} | batches: {batching}")
 
     run_dir = Path(distributed.broadcast(options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
     data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])

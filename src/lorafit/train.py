@@ -200,12 +200,17 @@ class Split:
     texts: list[str] = field(default_factory=list)
 
 
+def packs_batches(config: TrainConfig) -> bool:
+    """Whether `fit` packs its batches: `packing`, unless `bucketing` is off (the reference's padding)."""
+    return config.packing and config.bucketing
+
+
 def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.ndarray]:
     """The batches (arrays of row indices) `fit` trains on in `epoch`, as `config` says to build them."""
-    # Packed batches carry no padding, so they need no length grouping: plain random batches.
+    # Packed batches carry almost no padding, so they need no length grouping: plain random batches.
     return epoch_batches(
         [len(r) for r in train.rows], config.batch_size, seed=config.seed, epoch=epoch,
-        bucketing=config.bucketing and not config.packing, window_batches=config.bucket_batches,
+        bucketing=config.bucketing and not packs_batches(config), window_batches=config.bucket_batches,
         labels=train.labels if config.mix_classes else None,
     )  # fmt: skip
 
@@ -323,9 +328,9 @@ def fit(
             weight = 1.0 if rows else 0.0
             rows = rows or list(batch[:1])
             targets = torch.as_tensor([train.labels[i] for i in rows], dtype=torch.long, device=device)
-            if config.packing:
-                input_ids, lengths = collate_packed([train.rows[i] for i in rows])
-                inputs = (input_ids.to(device), None, lengths.to(device))
+            if packs_batches(config):
+                packed = collate_packed([train.rows[i] for i in rows], pad_id)
+                inputs = (packed[0].to(device), None, packed[1].to(device), packed[2].to(device))
             else:
                 input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
                 inputs = (input_ids.to(device), attention_mask.to(device))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorafit.batching import segment_mask, segment_positions
+from lorafit.batching import segment_mask
 from lorafit.config import BertConfig, config_from_dict
 from lorafit.errors import LorafitError
 from lorafit.models.gpt2 import run_block
@@ -143,22 +143,22 @@ class Bert(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
-        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Last hidden states (batch, seq, hidden). `attention_mask` is (batch, seq), 1 = token, 0 = pad.
-        `lengths` instead says that the single row of `input_ids` packs rows of these lengths end to end
-        (`batching.collate_packed`): each gets its own positions and attends only within itself."""
-        longest = input_ids.shape[1] if lengths is None else int(lengths.max())
+        `positions` and `segments` instead describe packed rows (`batching.collate_packed`): several texts
+        per row, each with its own positions, attending only within itself."""
+        longest = input_ids.shape[1] if positions is None else int(positions.max()) + 1
         if longest > self.config.max_position_embeddings:
             raise LorafitError(
                 f"sequence length {longest} exceeds the model's maximum of "
                 f"{self.config.max_position_embeddings} tokens"
             )
-        if lengths is not None:
-            x = self.embeddings(input_ids, token_type_ids, segment_positions(lengths))
-            keep = segment_mask(lengths, causal=False)
+        x = self.embeddings(input_ids, token_type_ids, positions)
+        if segments is not None:
+            keep = segment_mask(segments, causal=False)
         else:
-            x = self.embeddings(input_ids, token_type_ids)
             keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in self.blocks:
             x = run_block(block, x, keep, self.activation_checkpointing and self.training)
@@ -169,10 +169,11 @@ class Bert(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
-        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Same as `forward`; the name the classifier heads call on any backbone."""
-        return self.forward(input_ids, attention_mask, token_type_ids, lengths)
+        return self.forward(input_ids, attention_mask, token_type_ids, positions, segments)
 
     def pool_cls(self, hidden_states: Tensor) -> Tensor:
         """(batch, hidden) from the [CLS] position: tanh(pooler(h_cls)), or raw h_cls without a pooler."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..batching import segment_mask, segment_positions
+from ..batching import segment_mask
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
 from ..errors import LorafitError
 
@@ -121,32 +121,32 @@ class GPT2(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (post `ln_f`) hidden states, batch × seq × d_model.
 
-        `attention_mask` (batch × seq, 1 = token) marks padding. `lengths` instead says that the single
-        row of `input_ids` packs rows of these lengths end to end (`batching.collate_packed`): each gets
-        its own positions and attends only within itself."""
+        `attention_mask` (batch × seq, 1 = token) marks padding. `positions` and `segments` instead
+        describe packed rows (`batching.collate_packed`): several texts per row, each with its own
+        positions, attending only within itself."""
         t = input_ids.shape[1]
-        longest = t if lengths is None else int(lengths.max())
+        longest = t if positions is None else int(positions.max()) + 1
         if longest > self.config.context_length:
             raise LorafitError(
                 f"sequence of {longest} tokens exceeds the context length {self.config.context_length}"
             )
         mask = None
-        if lengths is not None:
-            positions = segment_positions(lengths)
-            mask = segment_mask(lengths, causal=True)
-        else:
-            positions = torch.arange(t, device=input_ids.device)
-            # With right padding (what lorafit produces) the causal mask already hides the pads, and SDPA
+        if segments is not None:
+            mask = segment_mask(segments, causal=True)
+        elif attention_mask is not None and not bool(attention_mask[:, 0].all()):
+            # With right padding (what lorafit produces) the causal mask already hides the pads and SDPA
             # can use its fused causal kernel; only left padding needs an explicit mask.
-            if attention_mask is not None and not bool(attention_mask[:, 0].all()):
-                causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-                mask = causal & attention_mask[:, None, None, :].bool()
-                # A row that sees no key at all (a left pad) would give NaN: let it see itself.
-                mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            mask = causal & attention_mask[:, None, None, :].bool()
+            # A row that sees no key at all (a left pad) would give NaN: let it see itself.
+            mask = mask | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device)
         # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum, the residual stream,
         # stays in the position table's dtype.
         x = self.drop(self.wte(input_ids).to(self.wpe.weight.dtype) + self.wpe(positions))
