@@ -106,7 +106,7 @@ def test_packing_uses_random_batches():
     "flags,logged",
     [
         ([], "batches: random, texts packed into rows"),
-        (["--no-packing"], "batches: length-bucketed, classes mixed (--no-packing)"),
+        (["--no-packing"], "batches: length-bucketed, classes mixed"),
         (["--no-bucketing"], "batches: random, padded to"),
     ],
 )
@@ -131,3 +131,12 @@ def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path
     )  # fmt: skip
     assert code != 0
     assert "--packing and --no-bucketing exclude each other" in err
+
+
+def test_packing_defaults_by_family_and_overrides():
+    from lorafit.config import resolve_train_config
+
+    assert resolve_train_config(TrainConfig(), "gpt2").packing is True
+    assert resolve_train_config(TrainConfig(), "bert").packing is False
+    assert resolve_train_config(TrainConfig(packing=True), "bert").packing is True
+    assert resolve_train_config(TrainConfig(packing=False), "gpt2").packing is False

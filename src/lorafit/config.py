@@ -114,7 +114,7 @@ class TrainConfig:
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
     # Random batches whose texts are packed end to end into rows as wide as the batch's longest (almost no
     # padding). False: length-bucketed batches, each padded to its own longest row. Needs `bucketing`.
-    packing: bool = True
+    packing: bool | None = None
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
@@ -129,8 +129,10 @@ class TrainConfig:
 # benchmarks/accuracy.py is the tool to tune them further.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reference lab's settings.
-    "gpt2": dict(epochs=3, lr=5e-4, scheduler="constant", warmup=0.0, keep_best=False),
-    "bert": dict(epochs=3, lr=1e-3, scheduler="linear", warmup=0.1, keep_best=True),
+    "gpt2": dict(epochs=3, lr=5e-4, scheduler="constant", warmup=0.0, keep_best=False, packing=True),
+    # Packed (random) batches measured within noise on the lab split's test for MiniLM but called 1.5x as
+    # many of the unused ham spam as the class-mixed buckets the recipe was tuned with (README, Accuracy).
+    "bert": dict(epochs=3, lr=1e-3, scheduler="linear", warmup=0.1, keep_best=True, packing=False),
 }
 
 

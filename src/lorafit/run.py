@@ -237,7 +237,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
         batching = "random, texts packed into rows"
     elif train_config.bucketing:
         mixing = "classes mixed" if train_config.mix_classes else "length only"
-        batching = f"length-bucketed, {mixing} (--no-packing)"
+        batching = f"length-bucketed, {mixing}"
     why = ""
     if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":
         why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"

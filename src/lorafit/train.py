@@ -202,7 +202,7 @@ class Split:
 
 def packs_batches(config: TrainConfig) -> bool:
     """Whether `fit` packs its batches: `packing`, unless `bucketing` is off (the reference's padding)."""
-    return config.packing and config.bucketing
+    return bool(config.packing) and config.bucketing
 
 
 def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.ndarray]:
