@@ -151,7 +151,7 @@ def run_lorafit(data: str, protocol: str, seed: int, full: bool, out: Path, args
         bucketing=args.bucketing == "on",
         bucket_batches=args.bucket_batches,
         mix_classes=args.mix_classes == "on",
-        packing=None if args.packing is None else args.packing == "on",
+        packing=args.packing == "on",
         keep_best=None if args.keep_best is None else args.keep_best == "on",
     )
     p = PROTOCOLS[protocol]
@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--keep-best", choices=["on", "off"], default=None)
     parser.add_argument("--bucket-batches", type=int, default=32)
     parser.add_argument("--mix-classes", choices=["on", "off"], default="on")
-    parser.add_argument("--packing", choices=["on", "off"], default=None, help="default: the family's")
+    parser.add_argument("--packing", choices=["on", "off"], default="on", help="off: lorafit's --no-packing")
     parser.add_argument(
         "--bucketing", choices=["on", "off"], default="on", help="off: padded to the longest row"
     )

@@ -11,11 +11,11 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       over the test set in padded batches of 8 under no_grad.
   lorafit-fp32-padded lorafit's `fit` with `--no-bucketing --precision fp32` behaviour (every batch padded to
                       the same length as the reference), to isolate the levers.
-  lorafit             lorafit's defaults: random batches packed into rows as wide as their longest text
-                      (`--packing`), bf16 where `resolve_precision("auto")` picks it (frozen linears stored
-                      in bf16, as `lorafit train` does).
-  lorafit-bucketed    the same with `--no-packing`: class-mixed length buckets, each batch padded to its own
-                      longest text (the default before packing).
+  lorafit             lorafit's defaults: class-mixed length buckets, each batch packed into rows as wide as
+                      its longest text (`--packing`), bf16 where `resolve_precision("auto")` picks it (frozen
+                      linears stored in bf16, as `lorafit train` does).
+  lorafit-no-packing  the same batches with `--no-packing`: each padded to its own longest text (the default
+                      before packing).
   lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
                       backward pass): the memory / time trade-off.
   hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
@@ -388,12 +388,12 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "lorafit": {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
-        "label": "lorafit defaults (packed batches, {precision})",
+        "label": "lorafit defaults (class-mixed buckets, packed, {precision})",
     },
-    "lorafit-bucketed": {
+    "lorafit-no-packing": {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packing=False),
-        "label": "lorafit --no-packing (class-mixed buckets, {precision})",
+        "label": "lorafit --no-packing (class-mixed buckets, padded, {precision})",
     },
     "lorafit-checkpointing": {
         "needs": [],

@@ -1,4 +1,4 @@
-"""Packed batches (`--packing`): rows end to end in one row, kept apart by positions and the attention
+"""Packed batches (`--packing`, the default): texts end to end in rows, kept apart by positions and the attention
 mask, must compute exactly what padded batches compute: logits, loss and gradients."""
 
 from __future__ import annotations
@@ -95,18 +95,18 @@ def test_texts_packed_into_one_row_do_not_see_each_other(family, tiny_gpt2_confi
         assert not torch.allclose(first[other], changed[other])
 
 
-def test_packing_uses_random_batches():
+def test_packing_keeps_the_batches_and_only_changes_their_layout():
     train = Split(rows=[[1] * n for n in range(1, 65)], labels=[i % 2 for i in range(64)])
     packed = training_batches(train, TrainConfig(packing=True, seed=1), epoch=1)
-    random_batches = training_batches(train, TrainConfig(bucketing=False, seed=1), epoch=1)
-    assert [b.tolist() for b in packed] == [b.tolist() for b in random_batches]
+    padded = training_batches(train, TrainConfig(packing=False, seed=1), epoch=1)
+    assert [b.tolist() for b in packed] == [b.tolist() for b in padded]
 
 
 @pytest.mark.parametrize(
     "flags,logged",
     [
-        ([], "batches: random, texts packed into rows"),
-        (["--no-packing"], "batches: length-bucketed, classes mixed"),
+        ([], "batches: length-bucketed, classes mixed, packed into rows"),
+        (["--no-packing"], "batches: length-bucketed, classes mixed, padded"),
         (["--no-bucketing"], "batches: random, padded to"),
     ],
 )
@@ -131,12 +131,3 @@ def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path
     )  # fmt: skip
     assert code != 0
     assert "--packing and --no-bucketing exclude each other" in err
-
-
-def test_packing_defaults_by_family_and_overrides():
-    from lorafit.config import resolve_train_config
-
-    assert resolve_train_config(TrainConfig(), "gpt2").packing is True
-    assert resolve_train_config(TrainConfig(), "bert").packing is False
-    assert resolve_train_config(TrainConfig(packing=True), "bert").packing is True
-    assert resolve_train_config(TrainConfig(packing=False), "gpt2").packing is False

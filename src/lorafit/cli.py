@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         precision=args.precision,
         bucketing=not args.no_bucketing,
         mix_classes=not args.no_class_mixing,
-        packing=False if args.no_bucketing else args.packing,  # None: the model family's default
+        packing=args.packing is not False and not args.no_bucketing,
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
@@ -340,12 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bucketing", action="store_true",
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--no-class-mixing", action="store_true",
-                   help="with --no-packing: bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
+                   help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="random batches whose texts are packed end to end into rows as wide as the batch's "
-                        "longest text, kept apart by the attention mask and their own positions (default for GPT-2); "
-                        "--no-packing: length-bucketed batches, each padded to its own longest text "
-                        "(default for BERT)")  # fmt: skip
+                   help="lay each batch out packed: its texts end to end in rows as wide as its longest, "
+                        "kept apart by the attention mask and their own positions (default); --no-packing: "
+                        "one row per text, padded to the batch's longest")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")

@@ -233,11 +233,10 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
     batching = f"random, padded to {max_length} (--no-bucketing)"
-    if packs_batches(train_config):
-        batching = "random, texts packed into rows"
-    elif train_config.bucketing:
+    if train_config.bucketing:
         mixing = "classes mixed" if train_config.mix_classes else "length only"
-        batching = f"length-bucketed, {mixing}"
+        layout = "packed into rows" if packs_batches(train_config) else "padded"
+        batching = f"length-bucketed, {mixing}, {layout}"
     why = ""
     if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":
         why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"

@@ -202,15 +202,15 @@ class Split:
 
 def packs_batches(config: TrainConfig) -> bool:
     """Whether `fit` packs its batches: `packing`, unless `bucketing` is off (the reference's padding)."""
-    return bool(config.packing) and config.bucketing
+    return config.packing and config.bucketing
 
 
 def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.ndarray]:
     """The batches (arrays of row indices) `fit` trains on in `epoch`, as `config` says to build them."""
-    # Packed batches carry almost no padding, so they need no length grouping: plain random batches.
+    # Packing changes how a batch is laid out, not which rows it holds.
     return epoch_batches(
         [len(r) for r in train.rows], config.batch_size, seed=config.seed, epoch=epoch,
-        bucketing=config.bucketing and not packs_batches(config), window_batches=config.bucket_batches,
+        bucketing=config.bucketing, window_batches=config.bucket_batches,
         labels=train.labels if config.mix_classes else None,
     )  # fmt: skip
 
