@@ -164,16 +164,7 @@ class Bert(nn.Module):
             x = run_block(block, x, keep, self.activation_checkpointing and self.training)
         return x
 
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        positions: Tensor | None = None,
-        segments: Tensor | None = None,
-    ) -> Tensor:
-        """Same as `forward`; the name the classifier heads call on any backbone."""
-        return self.forward(input_ids, attention_mask, token_type_ids, positions, segments)
+    hidden_states = forward  # the name the classifier heads call on any backbone
 
     def pool_cls(self, hidden_states: Tensor) -> Tensor:
         """(batch, hidden) from the [CLS] position: tanh(pooler(h_cls)), or raw h_cls without a pooler."""
