@@ -212,6 +212,7 @@ def run_lorafit(
         Split,
         cast_frozen_weights,
         fit,
+        packs_batches,
         predict_logits,
         resolve_precision,
         training_batches,
@@ -259,7 +260,7 @@ def run_lorafit(
     seconds = run(timed)
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
-    if packing and bucketing:
+    if packs_batches(config):
         padded = sum(collate_packed([timed.rows[i] for i in batch], PAD_ID)[0].numel() for batch in batches)
     else:
         padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)

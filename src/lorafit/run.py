@@ -91,7 +91,6 @@ def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOpti
         weights=config["model"]["weights"],
         pooling=config["pooling"],
         lora=config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None,
-        # A run written before class mixing existed batched by length alone: resume it the same way.
         # A run written before packing existed trained on bucketed batches, and one written before class
         # mixing by length alone: resume it the same way.
         train=config_from_dict(TrainConfig, {"mix_classes": False, "packing": False, **config["train"]}),

@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         """`keep` is a boolean mask of the keys to attend to, (batch, 1, 1, seq) for padding or
-        (1, 1, seq, seq) for packed rows, or None for all."""
+        (rows, 1, seq, seq) for packed rows, or None for all."""
         B, T, C = x.shape
         # Call the projections as modules (never touch .weight): LoRA swaps them for wrappers.
         q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
