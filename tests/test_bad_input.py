@@ -56,6 +56,8 @@ CASES = [
     (["--warmup", "1.5"], "--warmup must be in [0, 1), got 1.5"),
     (["--max-length", "0"], "--max-length must be between 1 and the model's context 64, got 0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
+    (["--ema", "1"], "--ema must be a decay from 0"),
+    (["--ema", "-0.5"], "--ema must be a decay from 0"),
     (["--pooling", "pooler"], "--pooling pooler needs a BERT checkpoint with a pooler"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
     (["--weights", "{tmp}/weights.txt"], "weights.txt: not a readable safetensors file"),

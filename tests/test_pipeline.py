@@ -18,6 +18,7 @@ from lorafit import GPT2, LoRAConfig, load_classifier
 from lorafit.batching import collate, epoch_batches
 from lorafit.classifier import SequenceClassifier
 from lorafit.cli import main
+from lorafit.config import TrainConfig
 from lorafit.lora import apply_lora
 from lorafit.models.gpt2 import gpt2_state_dict_to_hf
 
@@ -379,3 +380,48 @@ def test_auto_precision_says_why_it_chose_fp32(tiny_gpt2_dir, sms_file, tmp_path
     train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "run", "--precision", "auto", "--epochs", "1")
     printed = capsys.readouterr().out
     assert "precision: fp32 (this CPU has no fast bf16: no AVX-512 BF16 / AMX)" in printed
+
+
+def test_ema_validates_keeps_and_returns_the_moving_average(tiny_gpt2_config):
+    """With `ema`, the weights validated after each epoch and left in the model are the moving average of
+    the raw weights after every optimiser step (TensorFlow's warm-up rule), not the last step's."""
+    from lorafit.train import Split, evaluate, fit
+
+    model = _tiny_classifier(tiny_gpt2_config).train()
+    generator = torch.Generator().manual_seed(3)
+    rows = [
+        torch.randint(0, 50000, (int(n),), generator=generator).tolist() for n in torch.randint(2, 12, (24,))
+    ]
+    labels = [i % 2 for i in range(24)]
+    train, val = Split(rows[:16], labels[:16]), Split(rows[16:], labels[16:])
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    start = {name: p.detach().clone() for name, p in named}
+    raw_after_step = []  # mid-epoch checkpoints hold the raw weights (and the average so far)
+
+    def checkpoint(state):
+        if state["batch"]:
+            raw_after_step.append(state["trainable"])
+        else:  # the epoch end, after the last epoch: the model holds the average, the state the raw weights
+            raw_after_step.append(state["ema"])
+
+    config = TrainConfig(epochs=1, batch_size=4, lr=3e-2, ema=0.6, keep_best=False, scheduler="constant",
+                         warmup=0.0, seed=5, precision="fp32")  # fmt: skip
+    history = fit(
+        model, train, val, ["ham", "spam"], config, pad_id=50256, device=torch.device("cpu"),
+        precision="fp32", print_fn=lambda line: None, checkpoint=checkpoint, checkpoint_every=1,
+    )  # fmt: skip
+    assert len(raw_after_step) == 4  # 16 rows in batches of 4: 3 mid-epoch checkpoints and the epoch end
+    expected = {name: t.clone() for name, t in start.items()}
+    for step, raw in enumerate(raw_after_step, start=1):
+        decay = min(0.6, (1 + step) / (10 + step))
+        for name in expected:
+            expected[name] = decay * expected[name] + (1 - decay) * raw[name]
+    last_raw = raw_after_step[-1]
+    for name, p in named:
+        assert torch.allclose(p.detach(), expected[name], atol=1e-6), name
+        assert not torch.allclose(p.detach(), last_raw[name], atol=1e-4), (
+            name
+        )  # the average, not the last step
+    again = evaluate(model, val.rows, val.labels, ["ham", "spam"], pad_id=50256, batch_size=8,
+                     device=torch.device("cpu"), precision="fp32")  # fmt: skip
+    assert again["loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-6)  # validation saw the average

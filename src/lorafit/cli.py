@@ -178,11 +178,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         warmup=args.warmup,
         keep_best=args.keep_best,
+        ema=args.ema,
         activation_checkpointing=args.activation_checkpointing,
         device=args.device,
     )
     if args.packing and args.no_bucketing:  # only an explicit --packing
         raise LorafitError("--packing and --no-bucketing exclude each other (packed batches have no padding)")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        raise LorafitError(
+            f"--ema must be a decay from 0 (off) up to, not including, 1 (e.g. 0.99), got {args.ema}"
+        )
     if args.checkpoint_every < 0:
         raise LorafitError(
             f"--checkpoint-every must be 0 (epoch ends only) or more, got {args.checkpoint_every}"
@@ -332,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="restore the epoch with the lowest validation loss (default: off GPT-2, on BERT)")  # fmt: skip
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the trained weights, with this "
+                        "decay per optimiser step, e.g. 0.99 (default 0: off)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="rows per evaluation batch (default 32)")

@@ -119,6 +119,9 @@ class TrainConfig:
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss
+    # Validate, keep and save an exponential moving average of the trainable weights (this decay per
+    # optimiser step; 0: off) instead of the weights of the last step.
+    ema: float | None = None
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     device: str = "auto"
 
@@ -129,8 +132,8 @@ class TrainConfig:
 # benchmarks/accuracy.py is the tool to tune them further.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reference lab's settings.
-    "gpt2": dict(epochs=3, lr=5e-4, scheduler="constant", warmup=0.0, keep_best=False),
-    "bert": dict(epochs=3, lr=1e-3, scheduler="linear", warmup=0.1, keep_best=True),
+    "gpt2": dict(epochs=3, lr=5e-4, scheduler="constant", warmup=0.0, keep_best=False, ema=0.0),
+    "bert": dict(epochs=3, lr=1e-3, scheduler="linear", warmup=0.1, keep_best=True, ema=0.0),
 }
 
 

@@ -263,6 +263,10 @@ def fit(
     scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)
     history: list[dict] = []
     best_loss, best_state = float("inf"), None
+    # The moving average of the trainable weights (`ema`), updated after every optimiser step; the model
+    # holds it while it is validated and after training, the raw weights while it trains.
+    average = [p.detach().clone() for p in trainable] if config.ema else None
+    updates = 0
     # Where training stands: the next epoch, batches of it already done, and that epoch's running sums.
     epoch, done, loss_sum, correct, seen, elapsed = 1, 0, 0.0, 0, 0, 0.0
 
@@ -286,6 +290,9 @@ def fit(
         history = list(resume["history"])
         best_loss = resume["best_loss"]
         best_state = resume["best_state"]
+        if average is not None:
+            average = [resume["ema"][name] for name, _ in named]
+            updates = resume["ema_updates"]
         epoch, done = resume["epoch"], resume["batch"]
         loss_sum, correct, seen, elapsed = (
             resume["loss_sum"],
@@ -311,7 +318,17 @@ def fit(
             "correct": correct,
             "seen": seen,
             "elapsed": elapsed,
+            "ema": {name: a.clone() for (name, _), a in zip(named, average)} if average is not None else {},
+            "ema_updates": updates,
         }
+
+    def swap_average() -> None:
+        """Exchange the model's trainable weights with the moving average (twice: back as they were)."""
+        with torch.no_grad():
+            for p, a in zip(trainable, average):
+                scratch = p.detach().clone()
+                p.copy_(a)
+                a.copy_(scratch)
 
     while epoch <= config.epochs:
         model.train()
@@ -353,6 +370,13 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if average is not None:
+                    # Warm-up as TensorFlow's ExponentialMovingAverage: early on the average forgets
+                    # faster, so it does not stay anchored at the initial weights.
+                    updates += 1
+                    decay = min(config.ema, (1 + updates) / (10 + updates))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(average, [p.detach() for p in trainable], 1 - decay)
             loss_sum += batch_loss_sum
             correct += int((logits.argmax(-1) == targets).sum()) * int(weight)
             seen += len(rows) * int(weight)
@@ -384,6 +408,8 @@ def fit(
         print_fn(
             f"Epoch {epoch} Finished | Avg Loss: {train_loss:.4f} | Acc: {train_accuracy:.2%} | Time: {seconds:.2f}s"
         )
+        if average is not None:
+            swap_average()  # validate (and keep) the average
         result = evaluate(
             model, val.rows, val.labels, label_names, pad_id=pad_id, batch_size=config.eval_batch_size,
             device=device, precision=precision,
@@ -404,6 +430,8 @@ def fit(
         if config.keep_best and result["loss"] < best_loss:
             best_loss = result["loss"]
             best_state = {name: p.detach().clone() for name, p in named}
+        if average is not None and epoch < config.epochs:
+            swap_average()  # back to the raw weights to train on; after the last epoch the average stays
         epoch, done, loss_sum, correct, seen, elapsed = epoch + 1, 0, 0.0, 0, 0, 0.0
         if checkpoint:
             checkpoint(state(epoch, 0, 0.0))
