@@ -3,6 +3,7 @@ invariances the speed levers rely on (padding, bucketing, bf16)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -425,3 +426,37 @@ def test_ema_validates_keeps_and_returns_the_moving_average(tiny_gpt2_config):
     again = evaluate(model, val.rows, val.labels, ["ham", "spam"], pad_id=50256, batch_size=8,
                      device=torch.device("cpu"), precision="fp32")  # fmt: skip
     assert again["loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-6)  # validation saw the average
+
+
+def test_ema_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(tiny_gpt2_config):
+    from lorafit.train import Split, fit
+
+    generator = torch.Generator().manual_seed(4)
+    rows = [
+        torch.randint(0, 50000, (int(n),), generator=generator).tolist() for n in torch.randint(2, 12, (28,))
+    ]
+    labels = [i % 2 for i in range(28)]
+    train, val = Split(rows[:20], labels[:20]), Split(rows[20:], labels[20:])
+    config = TrainConfig(epochs=2, batch_size=4, lr=3e-2, ema=0.7, keep_best=True, scheduler="linear",
+                         warmup=0.1, seed=5, precision="fp32")  # fmt: skip
+    states = []
+
+    def run(model, **extra):
+        torch.manual_seed(config.seed)
+        return fit(
+            model, train, val, ["ham", "spam"], config, pad_id=50256, device=torch.device("cpu"),
+            precision="fp32", print_fn=lambda line: None, **extra,
+        )  # fmt: skip
+
+    whole = _tiny_classifier(tiny_gpt2_config).train()
+    # As saved to disk: a copy (the optimiser state and history in `state` are live references).
+    history = run(whole, checkpoint=lambda state: states.append(copy.deepcopy(state)), checkpoint_every=1)
+    mid_second_epoch = next(s for s in states if s["epoch"] == 2 and s["batch"] == 2)
+    assert mid_second_epoch["ema"] and mid_second_epoch["ema_updates"] == 7
+    resumed = _tiny_classifier(tiny_gpt2_config).train()
+    def without_seconds(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert without_seconds(run(resumed, resume=mid_second_epoch)) == without_seconds(history)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
