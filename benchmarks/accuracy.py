@@ -104,24 +104,26 @@ def write_lab_split(data: str, out: Path) -> Path:
 
 
 def cross_validation_rows(
-    data: str, folds: int, fold: int
+    data: str, folds: int, fold: int, protocol: str = "a"
 ) -> tuple[list[str], list[str], list[int], list[int], list[int]]:
-    """Protocol (a)'s training rows cut into `folds` parts: (texts, labels, fit, val, held_out), where
-    held_out is part `fold` (every `folds`-th training row: the lab's rows are already shuffled), fit the
-    other training rows and val the lab's own validation rows (for keeping the best epoch, as always).
-    Over all folds every training row is held out once: a selection measure 7x larger than validation
-    that never touches test, and that counts missed spam, which the unused ham cannot."""
-    texts, labels, train, val, _ = protocol_rows(data, "a")
+    """A protocol's training rows cut into `folds` parts: (texts, labels, fit, val, held_out), where
+    held_out is part `fold` (every `folds`-th training row: the rows are already shuffled), fit the other
+    training rows and val the protocol's own validation rows (for keeping the best epoch, as always).
+    Over all folds every training row is held out once: on (a) a selection measure 7x larger than
+    validation that counts missed spam (the unused ham cannot), and never touches test."""
+    texts, labels, train, val, _ = protocol_rows(data, protocol)
     held = train[fold::folds]
     fit = [i for k, i in enumerate(train) if k % folds != fold]
     return texts, labels, fit, val, held
 
 
-def write_fold(data: str, folds: int, fold: int, out: Path) -> tuple[Path, tuple[float, float, float]]:
+def write_fold(
+    data: str, folds: int, fold: int, out: Path, protocol: str = "a"
+) -> tuple[Path, tuple[float, float, float]]:
     """A fold of `cross_validation_rows` as JSONL (fit, val, held out, in that order) and the split
     fractions that cut it back into those three parts with `shuffle=False`."""
-    texts, labels, fit, val, held = cross_validation_rows(data, folds, fold)
-    path = out / f"a-cv{folds}-fold{fold}.jsonl"
+    texts, labels, fit, val, held = cross_validation_rows(data, folds, fold, protocol)
+    path = out / f"{protocol}-cv{folds}-fold{fold}.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"text": texts[i], "label": labels[i]}) for i in fit + val + held]
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -173,7 +175,7 @@ def run_lorafit(
 ) -> dict:
     """One `train_run` with the `minilm-l6` defaults, except what `args` overrides (for tuning).
 
-    With `fold` (protocol (a) only), the run is fold `fold` of `args.cv`: `cross_validation_rows`."""
+    With `fold`, the run is fold `fold` of `args.cv`: `cross_validation_rows`."""
     lora = None
     if not full:
         targets = [t for t in args.lora_targets.split(",") if t]
@@ -195,7 +197,7 @@ def run_lorafit(
     )
     p = PROTOCOLS[protocol]
     if fold is not None:
-        path, split = write_fold(data, args.cv, fold, out.parent)
+        path, split = write_fold(data, args.cv, fold, out.parent, protocol)
         source = DataOptions(source=str(path), balance=False, shuffle=False, split=split)
     elif protocol == "a":  # the lab's rows, in its order
         source = DataOptions(source=str(write_lab_split(data, out.parent)), balance=False, shuffle=False)
@@ -219,7 +221,7 @@ def run_lorafit(
     if fold is not None:  # the held-out part is the run's "test" split; name its mistakes
         from lorafit.run import load_classifier
 
-        texts, labels, _, _, held = cross_validation_rows(data, args.cv, fold)
+        texts, labels, _, _, held = cross_validation_rows(data, args.cv, fold, protocol)
         classifier = load_classifier(run_dir)
         spam = torch.softmax(classifier.logits([texts[i] for i in held]), dim=-1)[
             :, classifier.labels.index("spam")
@@ -323,7 +325,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="K",
-        help="(a) only: K-fold cross-validation of the LoRA recipe on the training rows (for tuning; no test)",
+        help="K-fold cross-validation of the LoRA recipe on the protocol's training rows (for tuning; no test)",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -373,39 +375,38 @@ def main() -> None:
 
 
 def cross_validate(args: argparse.Namespace, out: Path) -> None:
-    """`--cv K`: per seed, K LoRA runs on protocol (a)'s training rows, each holding one part out; prints
-    the held-out errors over all of them (and the unused ham, with --unused-ham). Never reads test."""
-    results: dict = {}
-    path = out / f"accuracy-cv{args.tag.strip().replace(' ', '-')}.json"
-    for seed in [int(s) for s in args.seeds.split(",") if s]:
-        folds = []
-        for fold in range(args.cv):
-            print(
-                f"[a, cv {fold + 1}/{args.cv}] lorafit MiniLM + LoRA r{args.lora_rank}{args.tag} seed {seed} ...",
-                flush=True,
-            )
-            run_dir = out / f"a-cv-lora{args.tag.strip().replace(' ', '-')}-{seed}-{fold}"
-            folds.append(run_lorafit(args.data, "a", seed, False, run_dir, args, fold=fold))
-            row = folds[-1]
-            print(f"    kept val loss {min(v for v, _ in row['val_by_epoch']):.4f}, held out: "
-                  f"{len(row['held_out']['missed_spam'])} spam missed, {len(row['held_out']['false_alarms'])} "
-                  f"false alarms, log-loss {row['held_out']['log_loss_sum'] / row['held_out']['messages']:.4f}",
-                  flush=True)  # fmt: skip
-        held = [f["held_out"] for f in folds]
-        n = sum(h["messages"] for h in held)
-        summary = {
-            "held_out_messages": n,
-            "missed_spam": sum(len(h["missed_spam"]) for h in held),
-            "false_alarms": sum(len(h["false_alarms"]) for h in held),
-            "log_loss": sum(h["log_loss_sum"] for h in held) / n,
-            "kept_val_loss_mean": statistics.mean(min(v for v, _ in f["val_by_epoch"]) for f in folds),
-            "seconds_per_epoch": statistics.mean(f["seconds_per_epoch"] for f in folds),
-        }
-        if args.unused_ham:
-            summary["unused_ham_called_spam"] = [f["unused_ham"]["called_spam"] for f in folds]
-        print(f"[a, cv{args.cv}] seed {seed}{args.tag}: {summary}", flush=True)
-        results[f"seed {seed}"] = {"summary": summary, "folds": folds}
-        write_json_atomic(path, results)
+    """`--cv K`: per protocol and seed, K LoRA runs on the protocol's training rows, each holding one part
+    out (`cross_validation_rows`); prints the held-out errors over all of them. Never reads test."""
+    tag = args.tag.strip().replace(" ", "-")
+    for protocol in args.protocols.split(","):
+        results: dict = {}
+        path = out / f"accuracy-cv-{protocol}{'-' + tag if tag else ''}.json"
+        for seed in [int(s) for s in args.seeds.split(",") if s]:
+            folds = []
+            for fold in range(args.cv):
+                name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
+                print(f"[{protocol}, cv {fold + 1}/{args.cv}] lorafit MiniLM + {name} ...", flush=True)
+                run_dir = out / f"{protocol}-cv-lora{'-' + tag if tag else ''}-{seed}-{fold}"
+                folds.append(run_lorafit(args.data, protocol, seed, False, run_dir, args, fold=fold))
+                held = folds[-1]["held_out"]
+                print(f"    kept val loss {min(v for v, _ in folds[-1]['val_by_epoch']):.4f}, held out: "
+                      f"{len(held['missed_spam'])} spam missed, {len(held['false_alarms'])} false alarms, "
+                      f"log-loss {held['log_loss_sum'] / held['messages']:.4f}", flush=True)  # fmt: skip
+            held = [f["held_out"] for f in folds]
+            n = sum(h["messages"] for h in held)
+            summary = {
+                "held_out_messages": n,
+                "missed_spam": sum(len(h["missed_spam"]) for h in held),
+                "false_alarms": sum(len(h["false_alarms"]) for h in held),
+                "log_loss": sum(h["log_loss_sum"] for h in held) / n,
+                "kept_val_loss_mean": statistics.mean(min(v for v, _ in f["val_by_epoch"]) for f in folds),
+                "seconds_per_epoch": statistics.mean(f["seconds_per_epoch"] for f in folds),
+            }
+            if protocol == "a" and args.unused_ham:
+                summary["unused_ham_called_spam"] = [f["unused_ham"]["called_spam"] for f in folds]
+            print(f"[{protocol}, cv{args.cv}] seed {seed}{args.tag}: {summary}", flush=True)
+            results[f"seed {seed}"] = {"summary": summary, "folds": folds}
+            write_json_atomic(path, results)
 
 
 def show(row: dict, tune: bool) -> None:
