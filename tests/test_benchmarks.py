@@ -68,3 +68,27 @@ def test_unused_ham_is_the_distinct_ham_outside_every_split(tmp_path: Path) -> N
     assert not set(ham) & kept  # none in train, validation or test
     assert set(ham) == all_ham - kept  # and every other ham message
     assert len(train + val + test) == 14  # 7 spam + 7 ham kept by the balancing
+
+
+@pytest.mark.parametrize("protocol", ["a", "b"])
+def test_cross_validation_folds_hold_every_training_row_out_once(tmp_path: Path, protocol: str) -> None:
+    """--cv: each fold trains on the other folds' rows, chooses the epoch on the protocol's validation
+    rows, is scored on its own; over the folds every training row is held out exactly once, test never."""
+    from lorafit.run import DataOptions, _load_splits
+
+    path = lab_style_file(tmp_path)
+    texts, labels, train, val, test = accuracy.protocol_rows(str(path), protocol)
+    held_out = []
+    for fold in range(3):
+        _, _, fit, fold_val, held = accuracy.cross_validation_rows(str(path), 3, fold, protocol)
+        assert sorted(fit + held) == sorted(train) and not set(fit) & set(held)
+        assert fold_val == val and not set(fit + held) & set(test)
+        held_out += held
+        # The fold's JSONL, read back by lorafit with shuffle off, gives these three parts.
+        fold_file, split = accuracy.write_fold(str(path), 3, fold, tmp_path / "out", protocol)
+        options = DataOptions(source=str(fold_file), balance=False, shuffle=False, split=split)
+        dataset, *read_back = _load_splits(options, seed=7, log=lambda *a: None)
+        for rows, rows_back in zip((fit, fold_val, held), read_back):
+            assert [texts[i] for i in rows] == [dataset.texts[i] for i in rows_back]
+            assert [labels[i] for i in rows] == [dataset.labels[i] for i in rows_back]
+    assert sorted(held_out) == sorted(train)

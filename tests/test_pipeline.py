@@ -454,6 +454,7 @@ def test_ema_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(
     mid_second_epoch = next(s for s in states if s["epoch"] == 2 and s["batch"] == 2)
     assert mid_second_epoch["ema"] and mid_second_epoch["ema_updates"] == 7
     resumed = _tiny_classifier(tiny_gpt2_config).train()
+
     def without_seconds(records):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
