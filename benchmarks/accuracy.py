@@ -155,13 +155,18 @@ def false_alarms(spam_probability: np.ndarray) -> dict:
     }
 
 
-def unused_ham_false_alarms(run_dir: Path, texts: list[str]) -> dict:
-    """`false_alarms` of a finished run's classifier on the unused ham messages."""
+def spam_probabilities(run_dir: Path, texts: list[str]) -> np.ndarray:
+    """A finished run's classifier's probability of spam for each text."""
     from lorafit.run import load_classifier
 
     classifier = load_classifier(run_dir)
     spam = classifier.labels.index("spam")
-    return false_alarms(torch.softmax(classifier.logits(texts), dim=-1)[:, spam].double().numpy())
+    return torch.softmax(classifier.logits(texts), dim=-1)[:, spam].double().numpy()
+
+
+def unused_ham_false_alarms(run_dir: Path, texts: list[str]) -> dict:
+    """`false_alarms` of a finished run's classifier on the unused ham messages."""
+    return false_alarms(spam_probabilities(run_dir, texts))
 
 
 def run_lorafit(
@@ -219,13 +224,8 @@ def run_lorafit(
         "trainable": config["parameters"]["after_head"]["trainable"],
     }
     if fold is not None:  # the held-out part is the run's "test" split; name its mistakes
-        from lorafit.run import load_classifier
-
         texts, labels, _, _, held = cross_validation_rows(data, args.cv, fold, protocol)
-        classifier = load_classifier(run_dir)
-        spam = torch.softmax(classifier.logits([texts[i] for i in held]), dim=-1)[
-            :, classifier.labels.index("spam")
-        ]
+        spam = spam_probabilities(run_dir, [texts[i] for i in held])
         row["held_out"] = {
             "messages": len(held),
             "log_loss_sum": metrics["test"]["loss"] * len(held),

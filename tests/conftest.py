@@ -89,3 +89,9 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
         code = exit.code if isinstance(exit.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def without_wall_time(records: list[dict]) -> list[dict]:
+    """Training records (epoch history, log.jsonl lines) without their wall-clock `seconds`: what two runs
+    of the same training must agree on."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
