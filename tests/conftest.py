@@ -23,6 +23,11 @@ def tiny_gpt2_config():
 @pytest.fixture
 def tiny_gpt2_dir(tmp_path, tiny_gpt2_config):
     """A Hugging Face-format GPT-2 directory holding a tiny random model."""
+    return write_tiny_gpt2(tmp_path / "tiny-gpt2", tiny_gpt2_config)
+
+
+def write_tiny_gpt2(directory, config):
+    """Write a tiny random GPT-2 (seed 0) as a Hugging Face directory: config.json + model.safetensors."""
     import json
 
     import torch
@@ -32,12 +37,11 @@ def tiny_gpt2_dir(tmp_path, tiny_gpt2_config):
     from lorafit.models.gpt2 import gpt2_state_dict_to_hf
 
     torch.manual_seed(0)
-    model = GPT2(tiny_gpt2_config)
+    model = GPT2(config)
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    directory = tmp_path / "tiny-gpt2"
     directory.mkdir()
-    save_file(gpt2_state_dict_to_hf(state, tiny_gpt2_config.n_layer), str(directory / "model.safetensors"))
-    c = tiny_gpt2_config
+    save_file(gpt2_state_dict_to_hf(state, config.n_layer), str(directory / "model.safetensors"))
+    c = config
     (directory / "config.json").write_text(
         json.dumps(
             dict(
@@ -74,6 +78,27 @@ def sms_file(tmp_path):
     path = tmp_path / "sms.tsv"
     path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms()), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Trained tiny GPT-2 run directories (for the serve tests): a and b on the same base weights (seeds 1, 2),
+    c on other (random) weights."""
+    from lorafit.cli import main
+    from lorafit.config import GPT2Config
+
+    root = tmp_path_factory.mktemp("runs")
+    config = GPT2Config(vocab_size=50257, context_length=64, d_model=32, n_layer=2, n_head=4)
+    base = write_tiny_gpt2(root / "tiny-gpt2", config)
+    data = root / "sms.tsv"
+    data.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms()), encoding="utf-8")
+    for name, seed in (("a", 1), ("b", 2)):
+        main(["train", "--model", str(base), "--data", str(data), "--epochs", "2", "--lr", "3e-3",
+              "--lora-rank", "4", "--out", str(root / name), "--precision", "fp32", "--seed", str(seed),
+              "--examples", "0"])  # fmt: skip
+    main(["train", "--model", str(base), "--weights", "random", "--data", str(data), "--epochs", "1",
+          "--lora-rank", "2", "--out", str(root / "c"), "--precision", "fp32", "--examples", "0"])  # fmt: skip
+    return {name: root / name for name in ("a", "b", "c")}
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:

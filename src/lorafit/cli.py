@@ -1,4 +1,4 @@
-"""Command line: `lorafit params | train | eval | predict | export | import` (one function per subcommand)."""
+"""Command line: `lorafit params | train | eval | predict | serve | export | import` (one function per subcommand)."""
 
 from __future__ import annotations
 
@@ -242,6 +242,26 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve runs over HTTP until SIGTERM / Ctrl-C."""
+    import os
+
+    from .serve import ServeLimits, parse_run_specs, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    limits = ServeLimits(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        timeout_s=args.timeout_s, max_client_batch=args.max_client_batch, max_body_bytes=args.max_body_bytes,
+        api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
+    )  # fmt: skip
+    limits.check()
+    runs = parse_run_specs(args.run)
+    serve(runs, limits, host=args.host, port=args.port, device=args.device, precision=args.precision)
+
+
 def _check_out_dir(out: str, is_ours) -> None:
     """Refuse to write into a non-empty directory unless it holds an earlier result of the same command
     (`is_ours(path)`): anything else there could be clobbered."""
@@ -382,6 +402,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve runs over HTTP (TEI-style /predict, a web page, /metrics)")
+    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a run directory to serve, as NAME=DIR or DIR (named after the directory); repeat it "
+                        "for several runs: POST /predict/NAME")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a text may wait for its batch to fill (default 5)")  # fmt: skip
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="texts waiting at most, then 429 (default 1024)"
+    )
+    p.add_argument("--timeout-s", type=float, default=30.0,
+                   help="a request waiting longer gets 504; also the shutdown grace time (default 30)")  # fmt: skip
+    p.add_argument("--max-client-batch", type=int, default=256, help="texts per request (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=2_000_000, help="request body limit (default 2 MB)")
+    p.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer KEY on /predict and /info (default: $LORAFIT_API_KEY)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="auto (default): bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a run as a PEFT adapter or a merged Hugging Face model")
     p.add_argument("--run", required=True, help="run directory")

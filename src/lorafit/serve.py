@@ -1,0 +1,811 @@
+"""`lorafit serve`: trained runs behind an HTTP API (a superset of Hugging Face TEI's `/predict`).
+
+Texts from concurrent requests are batched dynamically: a batch runs when it holds `max_batch_size` texts
+or its oldest text has waited `max_wait_ms`, whichever comes first. Inference runs in one worker thread fed
+by the batcher task, never on the event loop, so health, metrics and new requests stay responsive while a
+batch computes. Several runs trained on the same base weights share one copy of the frozen base in memory:
+each adds only its LoRA and head (unmerged; a batch holds the texts of one run). A single run, or one whose
+base nobody shares, is served with LoRA merged into the weights.
+
+    app = lorafit.serve.create_app({"spam": "runs/spam"})   # an ASGI app, for uvicorn or your own service
+"""
+
+import asyncio
+import copy
+import hmac
+import json
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import LorafitError
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+REQUEST_FIELDS = ("inputs", "truncate", "raw_scores", "top_k", "truncation_direction")
+# The /predict body, for /docs (the route reads the body itself, to answer every mistake in one sentence).
+PREDICT_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "inputs": {
+            "description": "a text, a list of texts (a batch of single texts), or TEI's [[text], [text]]",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                        ]
+                    },
+                },
+            ],  # fmt: skip
+        },
+        "truncate": {
+            "type": "boolean",
+            "default": True,
+            "description": "cut texts over the run's max length",
+        },
+        "raw_scores": {"type": "boolean", "default": False, "description": "logits instead of probabilities"},
+        "top_k": {"type": ["integer", "null"], "minimum": 1, "description": "only the k best labels"},
+        "truncation_direction": {"type": "string", "enum": ["right", "Right"]},
+    },
+    "example": {"inputs": "WINNER!! Claim your prize now", "truncate": True},
+}
+
+
+@dataclass
+class ServeLimits:
+    """Batching, queueing and request limits (the `lorafit serve` options of the same names)."""
+
+    max_batch_size: int = 32  # texts per forward pass
+    max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for its batch to fill
+    max_queue: int = 1024  # texts waiting at most; beyond it requests get 429
+    timeout_s: float = 30.0  # a request waiting longer gets 504 (and shutdown waits this long)
+    max_client_batch: int = 256  # texts per request
+    max_body_bytes: int = 2_000_000
+    api_key: str | None = None  # when set, /predict and /info need `Authorization: Bearer KEY`
+
+    def check(self) -> None:
+        """Refuse limits that cannot work, naming the option."""
+        for name in ("max_batch_size", "max_queue", "max_client_batch", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise LorafitError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if not self.max_wait_ms >= 0:
+            raise LorafitError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
+        if not self.timeout_s > 0:
+            raise LorafitError(f"--timeout-s must be positive, got {self.timeout_s}")
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, TEI's `error_type`, one sentence for the client."""
+
+    def __init__(self, status: int, error_type: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
+
+
+# --- loading runs ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedRun:
+    """One run as the server holds it: its classifier, what /info says about it, and its metrics."""
+
+    name: str
+    run_dir: Path
+    classifier: object  # lorafit.run.Classifier
+    config: dict
+    merged: bool
+    shares_base_with: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.classifier.labels
+
+    def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Token ids per text, cut to the run's max length when `truncate`; else a too long text is a 422."""
+        tokenizer, limit = self.classifier.tokenizer, self.classifier.max_length
+        rows, _ = tokenizer.encode_batch(texts)
+        long = [i for i, row in enumerate(rows) if len(row) > limit]
+        if long and not truncate:
+            i = long[0]
+            raise ApiError(422, "validation", f"inputs[{i}] is {len(rows[i])} tokens long, over the run's "
+                           f"max length {limit}; send \"truncate\": true to cut it")  # fmt: skip
+        if long:  # re-encode with the tokenizer's own truncation (BERT keeps its final [SEP])
+            cut, _ = tokenizer.encode_batch([texts[i] for i in long], limit)
+            for i, row in zip(long, cut):
+                rows[i] = row
+        return [row or [tokenizer.pad_id] for row in rows]  # an empty text still gets one position
+
+    def logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """Logits of one batch of token rows (padded, length-sorted inside), in the rows' order."""
+        from .train import predict_logits
+
+        c = self.classifier
+        return predict_logits(
+            c.model,
+            rows,
+            pad_id=c.tokenizer.pad_id,
+            batch_size=len(rows),
+            device=c.device,
+            precision=c.precision,
+        )
+
+    def info(self) -> dict:
+        model = self.config["model"]
+        return {
+            "name": self.name,
+            "run_dir": str(self.run_dir),
+            "model": model["name"],
+            "family": model["family"],
+            "base_sha256": model.get("sha256"),
+            "labels": self.labels,
+            "max_length": self.classifier.max_length,
+            "pooling": self.config["pooling"],
+            "lora": self.config.get("lora"),
+            "precision": self.classifier.precision,
+            "device": str(self.classifier.device),
+            "lora_merged": self.merged,
+            "shares_base_with": self.shares_base_with,
+            "test_metrics": _test_metrics(self.run_dir),
+        }
+
+
+def _test_metrics(run_dir: Path) -> dict | None:
+    """Accuracy and per-class scores of the run's test split (validation when it had none), if recorded."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for split in ("test", "val"):
+        m = metrics.get(split)
+        if isinstance(m, dict) and m.get("count"):
+            keep = ("accuracy", "count", "macro_f1", "weighted_f1", "per_class")
+            return {"split": split, **{k: m[k] for k in keep if k in m}}
+    return None
+
+
+def parse_run_specs(specs: list[str]) -> dict[str, str]:
+    """`--run NAME=DIR` or `--run DIR` (named after the directory) → {name: dir}; refuses clashes."""
+    runs: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep:
+            name, directory = Path(spec.rstrip("/")).name or spec, spec
+        if not name or not directory:
+            raise LorafitError(f"--run {spec!r}: expected NAME=DIR or DIR")
+        if name in runs:
+            raise LorafitError(f"--run: the name {name!r} is given twice ({runs[name]} and {directory})")
+        real = os.path.realpath(directory)
+        if real in seen:
+            raise LorafitError(f"--run: {directory} is served twice (as {seen[real]!r} and {name!r})")
+        if not (Path(directory) / "config.json").is_file():
+            raise LorafitError(f"--run {spec}: {directory} is not a lorafit run directory (no config.json)")
+        if not (Path(directory) / "adapter.safetensors").is_file():
+            raise LorafitError(f"--run {spec}: {directory} has no adapter.safetensors (did training finish?)")
+        runs[name], seen[real] = directory, name
+    if not runs:
+        raise LorafitError("lorafit serve needs at least one --run DIR")
+    return runs
+
+
+def load_runs(run_dirs: Mapping[str, str | os.PathLike], device: str = "auto", precision: str | None = None):
+    """Load every run; runs whose LoRA was trained on the same base weights (same sha256) share one copy of
+    the frozen base tensors. Returns {name: ServedRun}."""
+    from .run import load_classifier, read_run_config
+
+    configs = {name: read_run_config(d) for name, d in run_dirs.items()}
+    groups: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        # A run that trains base modules in full (PEFT's modules_to_save) keeps its own base.
+        lora = config["lora"]
+        shareable = lora is not None and not lora.get("modules_to_save") and config["model"].get("sha256")
+        groups.setdefault(config["model"]["sha256"] if shareable else f"own:{name}", []).append(name)
+    runs = {}
+    for names in groups.values():
+        if len(names) == 1:
+            name = names[0]
+            classifier = load_classifier(run_dirs[name], device=device, precision=precision, merge=True)
+            runs[name] = ServedRun(name, Path(run_dirs[name]), classifier, configs[name], merged=True)
+            continue
+        first = load_classifier(run_dirs[names[0]], device=device, precision=precision, merge=False)
+        for name in names:
+            classifier = first if name == names[0] else _on_shared_base(first, run_dirs[name], configs[name])
+            others = [n for n in names if n != name]
+            runs[name] = ServedRun(name, Path(run_dirs[name]), classifier, configs[name], False, others)
+    return runs
+
+
+def _on_shared_base(first, run_dir: str | os.PathLike, config: dict):
+    """Another run's classifier built on `first`'s frozen tensors: a copy of its modules in which every
+    frozen tensor is the same object as in `first` (nothing copied), with this run's LoRA and head."""
+    from .classifier import SequenceClassifier, load_adapter
+    from .config import LoRAConfig, config_from_dict
+    from .lora import LoRALinear, apply_lora
+    from .run import Classifier
+
+    lora = config_from_dict(LoRAConfig, config["lora"])
+    backbone = first.model.backbone
+    shared = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
+    backbone = copy.deepcopy(backbone, memo=shared)
+    for module in list(backbone.modules()):  # take `first`'s LoRA off the copy: the plain base is left
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.base)
+    apply_lora(backbone, lora)
+    with torch.device(first.device):
+        model = SequenceClassifier(backbone, len(config["labels"]), config["pooling"])
+    load_adapter(model, Path(run_dir) / "adapter.safetensors")
+    model.eval()
+    return Classifier(
+        model, first.tokenizer, config["labels"], config["max_length"], first.device, first.precision
+    )
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictRequest:
+    texts: list[str]
+    single: bool  # `inputs` was one string: answer one list of scores, not a list of lists
+    truncate: bool = True
+    raw_scores: bool = False
+    top_k: int | None = None
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def parse_predict_request(body: bytes, max_client_batch: int) -> PredictRequest:
+    """Validate a /predict body; anything wrong is a 422 naming the field."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise ApiError(422, "validation", f"the request body is not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            422, "validation", f'the request body must be a JSON object with "inputs", got {_kind(data)}'
+        )
+    unknown = [k for k in data if k not in REQUEST_FIELDS]
+    if unknown:
+        raise ApiError(
+            422, "validation", f"unknown field {unknown[0]!r} (fields: {', '.join(REQUEST_FIELDS)})"
+        )
+    if "inputs" not in data:
+        raise ApiError(422, "validation", 'the field "inputs" is missing (a text or a list of texts)')
+    texts, single = _parse_inputs(data["inputs"], max_client_batch)
+    for name in ("truncate", "raw_scores"):
+        if not isinstance(data.get(name, False), bool):
+            raise ApiError(422, "validation", f'"{name}" must be true or false, got {_kind(data[name])}')
+    top_k = data.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ApiError(
+            422, "validation", f'"top_k" must be a whole number of at least 1 or null, got {top_k!r}'
+        )
+    direction = data.get("truncation_direction", "right")
+    if not isinstance(direction, str) or direction.lower() != "right":
+        raise ApiError(
+            422, "validation", '"truncation_direction" can only be "right" (texts are cut at the end)'
+        )
+    return PredictRequest(texts, single, data.get("truncate", True), data.get("raw_scores", False), top_k)
+
+
+def _parse_inputs(inputs, max_client_batch: int) -> tuple[list[str], bool]:
+    """`"text"`, `["t1", "t2"]` or TEI's nested `[["t1"], ["t2"]]` → (texts, single)."""
+    if isinstance(inputs, str):
+        if not inputs:
+            raise ApiError(422, "validation", '"inputs" is an empty string')
+        return [inputs], True
+    if not isinstance(inputs, list):
+        raise ApiError(
+            422, "validation", f'"inputs" must be a string or a list of strings, got {_kind(inputs)}'
+        )
+    if not inputs:
+        raise ApiError(422, "empty", '"inputs" is an empty list')
+    if len(inputs) > max_client_batch:
+        raise ApiError(422, "validation", f"\"inputs\" holds {len(inputs):,} texts; this server takes at most "
+                       f"{max_client_batch} per request (--max-client-batch)")  # fmt: skip
+    texts = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, list):  # TEI's form: each input a list of texts (a pair for pair classifiers)
+            if len(item) != 1:
+                raise ApiError(422, "validation", f"inputs[{i}] holds {len(item)} texts; lorafit classifies "
+                               "single texts, so a nested input must be a list of one text")  # fmt: skip
+            item = item[0]
+        if not isinstance(item, str):
+            raise ApiError(422, "validation", f"inputs[{i}] must be a string, got {_kind(item)}")
+        if not item:
+            raise ApiError(422, "validation", f"inputs[{i}] is an empty string")
+        texts.append(item)
+    return texts, False
+
+
+def scores(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None) -> list[dict]:
+    """One text's `[{"label", "score"}]`, highest first: softmax probabilities, or the logits when `raw`."""
+    values = logits if raw else torch.softmax(logits.double(), dim=-1)
+    ranked = sorted(zip(labels, values.tolist()), key=lambda pair: -pair[1])
+    return [{"label": label, "score": score} for label, score in ranked[:top_k]]
+
+
+# --- dynamic batching -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One text waiting for its batch."""
+
+    row: list[int]
+    future: asyncio.Future
+    enqueued: float
+
+
+class Batcher:
+    """Queues texts per run and runs them in batches in one worker thread.
+
+    A batch runs when `max_batch_size` texts of one run wait, or when its oldest text has waited
+    `max_wait_ms`. Texts whose request was cancelled (client gone, timed out) are dropped before their
+    batch runs; an exception in a batch fails the requests in it, and the batcher goes on."""
+
+    def __init__(self, runs: dict[str, ServedRun], limits: ServeLimits, metrics):
+        self.runs, self.limits, self.metrics = runs, limits, metrics
+        self.queues: dict[str, deque[Item]] = {name: deque() for name in runs}
+        self.depth = 0  # texts waiting, over all runs
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-inference")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.task.add_done_callback(self._fail_waiting)
+
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+
+    def submit(self, name: str, rows: list[list[int]]) -> list[asyncio.Future]:
+        """Queue a request's texts; 429 (nothing queued) when they do not fit."""
+        if self.depth + len(rows) > self.limits.max_queue:
+            raise ApiError(429, "overloaded", f"the queue is full ({self.depth} of {self.limits.max_queue} "
+                           "texts waiting); retry shortly", headers={"Retry-After": "1"})  # fmt: skip
+        loop, now = asyncio.get_running_loop(), time.perf_counter()
+        items = [Item(row, loop.create_future(), now) for row in rows]
+        self.queues[name].extend(items)
+        self.depth += len(items)
+        self.metrics.queue_depth.set(self.depth)
+        self.wakeup.set()
+        return [item.future for item in items]
+
+    async def _loop(self) -> None:
+        while True:
+            name = await self._next_run()
+            batch = await self._collect(name)
+            if batch:
+                await self._run(name, batch)
+
+    async def _next_run(self) -> str:
+        """The run whose oldest waiting text is oldest (waiting for work when there is none)."""
+        while True:
+            heads = [(queue[0].enqueued, name) for name, queue in self.queues.items() if queue]
+            if heads:
+                return min(heads)[1]
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+    async def _collect(self, name: str) -> list[Item]:
+        """Wait until the batch is full or its oldest text's wait is up, then take it from the queue."""
+        queue, size = self.queues[name], self.limits.max_batch_size
+        deadline = queue[0].enqueued + self.limits.max_wait_ms / 1000
+        while len(queue) < size and (left := deadline - time.perf_counter()) > 0:
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        batch = []
+        while queue and len(batch) < size:
+            item = queue.popleft()
+            self.depth -= 1
+            if not item.future.done():  # done already: cancelled by a client that left or timed out
+                batch.append(item)
+        self.metrics.queue_depth.set(self.depth)
+        return batch
+
+    async def _run(self, name: str, batch: list[Item]) -> None:
+        run, start = self.runs[name], time.perf_counter()
+        for item in batch:
+            self.metrics.queue_seconds.observe(start - item.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(
+                self.executor, run.logits, [item.row for item in batch]
+            )
+        except Exception as e:  # only this batch's requests fail; the worker goes on
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ApiError(500, "backend", f"inference failed: {reason}"))
+            return
+        seconds = time.perf_counter() - start
+        self.metrics.inference_seconds.labels(name).observe(seconds)
+        self.metrics.texts.labels(name).inc(len(batch))
+        for item, row in zip(batch, logits):
+            if not item.future.done():
+                item.future.set_result((row, start, seconds))
+
+    def _fail_waiting(self, task: asyncio.Task) -> None:
+        """The batcher stopped (shutdown, or a bug): nothing queued will run, so fail it now, not at timeout."""
+        for queue in self.queues.values():
+            while queue:
+                item = queue.popleft()
+                if not item.future.done():
+                    item.future.set_exception(ApiError(503, "unhealthy", "the inference worker has stopped"))
+        self.depth = 0
+
+
+# --- the app --------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        seconds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.requests = Counter(
+            "lorafit_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "lorafit_request_duration_seconds", "Request latency", ["route"], buckets=seconds, registry=r
+        )
+        self.queue_seconds = Histogram("lorafit_queue_duration_seconds", "Time a text waited for its batch",
+                                       buckets=seconds, registry=r)  # fmt: skip
+        self.inference_seconds = Histogram("lorafit_batch_duration_seconds", "Forward pass of one batch", ["run"],
+                                           buckets=seconds, registry=r)  # fmt: skip
+        self.batch_size = Histogram("lorafit_batch_size", "Texts per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)  # fmt: skip
+        self.queue_depth = Gauge("lorafit_queue_depth", "Texts waiting for a batch", registry=r)
+        self.texts = Counter("lorafit_texts_classified", "Texts classified", ["run"], registry=r)
+
+
+def _route(path: str) -> str:
+    """A bounded route label for the metrics (a path with a run name becomes its template)."""
+    if path.startswith("/predict/"):
+        return "/predict/{name}"
+    known = ("/", "/predict", "/health", "/info", "/metrics", "/docs", "/openapi.json")
+    return path if path in known else "other"
+
+
+class MetricsMiddleware:
+    """Counts every answer by route and status, and times it (plain ASGI: nothing buffered)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = _route(scope["path"])
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _error_response(e: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        {"error": e.message, "error_type": e.error_type}, status_code=e.status, headers=e.headers
+    )
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refusing (413) one larger than `limit` before reading it when its length is declared."""
+    declared = request.headers.get("content-length")
+    too_large = ApiError(413, "payload_too_large", f"the request body is over this server's limit of "
+                         f"{limit:,} bytes (--max-body-bytes)")  # fmt: skip
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorize(request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong API key: send the header "
+                       "\"Authorization: Bearer KEY\"", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+async def _wait_for(request, futures: list[asyncio.Future], timeout: float):
+    """The futures' results, or ApiError 504 after `timeout`; a client that disconnects cancels them (its
+    texts are then dropped before their batch runs)."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    results = asyncio.ensure_future(asyncio.gather(*futures))
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({results, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if results in done:
+        return results.result()
+    for future in futures:
+        future.cancel()
+    results.cancel()
+    if watcher in done:
+        raise ApiError(499, "cancelled", "the client closed the connection")
+    raise ApiError(504, "timeout", f"the request waited more than {timeout:g} s (--timeout-s)")
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the runs (once loaded), the batcher, the limits, the metrics."""
+
+    limits: ServeLimits
+    metrics: Metrics
+    runs: dict[str, ServedRun] = field(default_factory=dict)
+    batcher: Batcher | None = None
+    ready: bool = False
+    failure: str | None = None  # why loading failed, for /health
+
+    async def load(self, runs: Mapping, device: str, precision: str | None, on_ready) -> None:
+        """Load the runs that are directories, warm every run up, start the batcher (off the event loop)."""
+        try:
+            loaded = dict(runs)
+            if not all(isinstance(r, ServedRun) for r in loaded.values()):
+                loaded = await asyncio.to_thread(load_runs, runs, device, precision)
+            await asyncio.to_thread(warm_up, loaded, self.limits.max_batch_size)
+        except Exception as e:  # a bad run: report it on /health rather than die silently
+            self.failure = (str(e).splitlines() or [type(e).__name__])[0]
+            return
+        self.runs = loaded
+        self.batcher = Batcher(loaded, self.limits, self.metrics)
+        self.batcher.start()
+        self.ready = True
+        if on_ready:
+            on_ready(self)
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise ApiError(503, "unhealthy", self.failure or "the model is still loading; retry shortly")
+
+    def run_named(self, name: str | None) -> ServedRun:
+        """The run a /predict call names (None: the only one); 404 naming the runs otherwise."""
+        self.require_ready()
+        names = ", ".join(self.runs)
+        if name is None:
+            if len(self.runs) == 1:
+                return next(iter(self.runs.values()))
+            raise ApiError(
+                404, "not_found", f"this server has several runs: POST /predict/NAME (runs: {names})"
+            )
+        if name not in self.runs:
+            raise ApiError(404, "not_found", f"no run named {name!r} (runs: {names})")
+        return self.runs[name]
+
+    async def predict(self, request, name: str | None):
+        """One /predict call: check, tokenize (off the loop), queue, wait, answer with TEI's timing headers."""
+        from fastapi.responses import JSONResponse
+
+        start, limits = time.perf_counter(), self.limits
+        _authorize(request, limits.api_key)
+        run = self.run_named(name)
+        parsed = parse_predict_request(
+            await _read_body(request, limits.max_body_bytes), limits.max_client_batch
+        )
+        rows = await asyncio.to_thread(run.encode, parsed.texts, parsed.truncate)
+        queued = time.perf_counter()
+        results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
+        # A request's texts may span batches: its inference time is that of each distinct batch, once.
+        inference = sum({(begin, seconds): seconds for _, begin, seconds in results}.values())
+        answer = [scores(logits, run.labels, parsed.raw_scores, parsed.top_k) for logits, _, _ in results]
+        now = time.perf_counter()
+        headers = {"x-total-time": f"{(now - start) * 1000:.2f}",
+                   "x-queue-time": f"{max(now - queued - inference, 0) * 1000:.2f}",
+                   "x-inference-time": f"{inference * 1000:.2f}"}  # fmt: skip
+        return JSONResponse(answer[0] if parsed.single else answer, headers=headers)
+
+
+def warm_up(runs: dict[str, ServedRun], max_batch_size: int) -> None:
+    """One batch of one text and one full batch per run, so the first requests do not pay for the
+    kernels' first-call setup."""
+    for run in runs.values():
+        for n in sorted({1, max_batch_size}):
+            run.logits(run.encode(["Warming up the classifier before the first request."] * n, truncate=True))
+
+
+def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: ServeLimits | None = None,
+               device: str = "auto", precision: str | None = None, on_ready=None):  # fmt: skip
+    """The ASGI (FastAPI) app serving `runs` ({name: run directory, or a ServedRun from `load_runs`}).
+
+    Run directories are loaded (and every run warmed up) in a background thread at startup; until that is
+    done /health and /predict answer 503. `on_ready(state)` is called once it is."""
+    from fastapi_offline import FastAPIOffline  # FastAPI with its /docs assets on disk: works offline
+    from starlette.exceptions import HTTPException
+
+    limits = limits or ServeLimits()
+    limits.check()
+    state = ServerState(limits, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loading = asyncio.ensure_future(state.load(runs, device, precision, on_ready))
+        yield
+        loading.cancel()
+        if state.batcher:
+            await state.batcher.stop()
+
+    app = FastAPIOffline(title="lorafit", version=__version__, lifespan=lifespan,
+                         description="Text classification with LoRA fine-tuned transformers "
+                                     "(Hugging Face TEI's /predict, and more).")  # fmt: skip
+    app.state.lorafit = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http")
+        routing = e.status_code in (404, 405)
+        message = f"no route {request.method} {request.url.path}" if routing else str(e.detail)
+        return _error_response(ApiError(e.status_code, kind, message))
+
+    _add_routes(app, state)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+def _add_routes(app, state: ServerState) -> None:
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    limits = state.limits
+    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}}
+
+    @app.post("/predict", openapi_extra=body, summary="Classify texts (the only run)")
+    async def predict_default(request: Request):
+        return await state.predict(request, None)
+
+    @app.post("/predict/{name}", openapi_extra=body, summary="Classify texts with the run NAME")
+    async def predict_run(request: Request, name: str):
+        return await state.predict(request, name)
+
+    @app.get("/health", summary="200 when every run is loaded and the worker is alive, else 503")
+    async def health():
+        if state.ready and state.batcher.alive():
+            return {"status": "ok"}
+        reason = state.failure or ("the inference worker has stopped" if state.ready else "loading")
+        answer = {"status": "unavailable", "error": reason, "error_type": "unhealthy"}
+        return JSONResponse(answer, status_code=503)
+
+    @app.get("/info", summary="The runs served, with their models, labels and limits")
+    async def info(request: Request):
+        _authorize(request, limits.api_key)
+        state.require_ready()
+        shown = (
+            "max_batch_size",
+            "max_wait_ms",
+            "max_queue",
+            "timeout_s",
+            "max_client_batch",
+            "max_body_bytes",
+        )
+        return {"lorafit_version": __version__, "auth": limits.api_key is not None,
+                "runs": [run.info() for run in state.runs.values()],
+                "limits": {k: getattr(limits, k) for k in shown}}  # fmt: skip
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port (before the model loads, so a busy port fails at once)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LorafitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
+
+
+def start_line(run: ServedRun, address: str) -> str:
+    lora = (
+        "LoRA merged" if run.merged else f"LoRA unmerged, base shared with {', '.join(run.shares_base_with)}"
+    )
+    return (f"lorafit serve: {run.name} ({run.config['model']['name']}, labels {', '.join(run.labels)}; "
+            f"{run.classifier.device}, {run.classifier.precision}, {lora}) ready at {address}")  # fmt: skip
+
+
+def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto", precision: str | None = None, log=print) -> None:  # fmt: skip
+    """`lorafit serve`: load the runs, then answer HTTP on host:port until SIGTERM or Ctrl-C, which stop
+    accepting, finish the requests in flight (for up to `limits.timeout_s`) and return."""
+    import signal
+
+    import uvicorn
+
+    limits.check()
+    sock = _listen(host, port)
+    runs = load_runs(run_dirs, device=device, precision=precision)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{sock.getsockname()[1]}"
+
+    def ready(state: ServerState) -> None:
+        for run in state.runs.values():
+            log(start_line(run, address), flush=True)
+
+    app = create_app(runs, limits=limits, on_ready=ready)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=math.ceil(limits.timeout_s))  # fmt: skip
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with these handlers
+    # in place that is a no-op, so a requested stop exits 0.
+    handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    log("lorafit serve: stopped", flush=True)

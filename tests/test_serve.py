@@ -1,0 +1,364 @@
+"""`lorafit serve`: the API through FastAPI's TestClient (answers, errors, batching, health, metrics), two
+runs on one shared base, the batcher's fault handling, and a real `lorafit serve` process stopped by SIGTERM.
+The page in a real browser is in test_serve_page.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import run_main, synthetic_sms
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from lorafit import load_classifier  # noqa: E402
+from lorafit.serve import Batcher, Metrics, ServeLimits, create_app  # noqa: E402
+
+SPAM = "WIN FREE prize claim cash now 12345"
+HAM = "see you later at home for dinner ok"
+
+
+def started(app) -> TestClient:
+    """A TestClient whose app has loaded its runs (health 200)."""
+    client = TestClient(app)
+    client.__enter__()
+    for _ in range(300):
+        if client.get("/health").status_code == 200:
+            return client
+        time.sleep(0.02)
+    raise AssertionError(f"the server never became ready: {client.get('/health').json()}")
+
+
+@pytest.fixture
+def client(runs):
+    client = started(create_app({"a": runs["a"]}, precision="fp32", limits=ServeLimits(max_wait_ms=20)))
+    yield client
+    client.__exit__(None, None, None)
+
+
+def reference(run_dir, texts):
+    return load_classifier(run_dir, device="cpu", precision="fp32").predict(texts)
+
+
+def assert_same_scores(answer, expected):
+    assert [s["label"] for s in answer] == sorted(
+        expected["probabilities"], key=lambda k: -expected["probabilities"][k]
+    )
+    for s in answer:
+        assert abs(s["score"] - expected["probabilities"][s["label"]]) <= 1e-5
+
+
+def test_single_batch_and_nested_inputs_score_as_predict(client, runs):
+    texts = [SPAM, HAM, "ok thanks", "urgent txt claim your prize " * 3]
+    expected = reference(runs["a"], texts)
+    single = client.post("/predict", json={"inputs": SPAM})
+    assert single.status_code == 200
+    assert_same_scores(single.json(), expected[0])
+    assert float(single.headers["x-total-time"]) >= float(single.headers["x-inference-time"]) > 0
+    assert "x-queue-time" in single.headers
+    batch = client.post("/predict", json={"inputs": texts}).json()
+    nested = client.post("/predict", json={"inputs": [[t] for t in texts]}).json()
+    assert len(batch) == len(nested) == len(texts)
+    for answer, answer_nested, want in zip(batch, nested, expected):
+        assert_same_scores(answer, want)
+        assert_same_scores(answer_nested, want)
+    top = client.post("/predict", json={"inputs": SPAM, "top_k": 1}).json()
+    assert top == single.json()[:1]
+    raw = client.post("/predict", json={"inputs": SPAM, "raw_scores": True}).json()
+    logits = load_classifier(runs["a"], device="cpu", precision="fp32").logits([SPAM])[0]
+    by_label = {s["label"]: s["score"] for s in raw}
+    assert by_label["spam"] == pytest.approx(float(logits[1]), abs=1e-4)
+
+
+def test_concurrent_requests_are_batched_and_keep_their_order(client, runs):
+    # 24 requests of 1-3 texts of different lengths at once; each answer must be its own texts' scores.
+    rows = synthetic_sms(60, seed=3)
+    requests = [[text for _, text in rows[i : i + 1 + i % 3]] for i in range(24)]
+    expected = {t: r for t, r in zip((t for _, t in rows), reference(runs["a"], [t for _, t in rows]))}
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda texts: client.post("/predict", json={"inputs": texts}), requests))
+    for texts, answer in zip(requests, answers):
+        assert answer.status_code == 200
+        for text, scores in zip(texts, answer.json()):
+            assert_same_scores(scores, expected[text])
+    metrics = client.get("/metrics").text
+    sizes = [line for line in metrics.splitlines() if line.startswith("lorafit_batch_size_bucket")]
+    one = next(float(line.split()[-1]) for line in sizes if 'le="1.0"' in line)
+    count = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("lorafit_batch_size_count")
+    )
+    assert count > one, "no batch held more than one text: requests were not batched together"
+
+
+BAD_REQUESTS = [
+    # (body bytes or JSON value, status, error_type, fragment of the sentence)
+    (b"{not json", 422, "validation", "not valid JSON"),
+    (b"\xff\xfe garbage", 422, "validation", "not valid JSON"),
+    ([1, 2], 422, "validation", "must be a JSON object"),
+    ({}, 422, "validation", '"inputs" is missing'),
+    ({"inputs": 3}, 422, "validation", '"inputs" must be a string or a list of strings, got a number'),
+    ({"inputs": ""}, 422, "validation", '"inputs" is an empty string'),
+    ({"inputs": []}, 422, "empty", '"inputs" is an empty list'),
+    ({"inputs": ["ok", 5]}, 422, "validation", "inputs[1] must be a string, got a number"),
+    ({"inputs": ["ok", ""]}, 422, "validation", "inputs[1] is an empty string"),
+    ({"inputs": [["a", "b"]]}, 422, "validation", "inputs[0] holds 2 texts"),
+    ({"inputs": ["x"] * 300}, 422, "validation", "at most 256 per request"),
+    ({"inputs": "ok", "truncate": "yes"}, 422, "validation", '"truncate" must be true or false'),
+    ({"inputs": "ok", "top_k": 0}, 422, "validation", '"top_k" must be a whole number'),
+    ({"inputs": "ok", "truncation_direction": "left"}, 422, "validation", "truncation_direction"),
+    ({"inputs": "ok", "trunc": True}, 422, "validation", "unknown field 'trunc'"),
+    ({"inputs": "word " * 200, "truncate": False}, 422, "validation", "over the run's max length"),
+]
+
+
+@pytest.mark.parametrize("body, status, error_type, fragment", BAD_REQUESTS)
+def test_bad_requests_get_one_sentence_naming_the_field(client, body, status, error_type, fragment):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answer = client.post("/predict", content=content, headers={"content-type": "application/json"})
+    assert answer.status_code == status
+    assert answer.json()["error_type"] == error_type
+    assert fragment in answer.json()["error"] and "\n" not in answer.json()["error"]
+
+
+def test_long_text_is_truncated_by_default(client, runs):
+    long = "WIN FREE prize " * 100
+    answer = client.post("/predict", json={"inputs": long})
+    assert answer.status_code == 200
+    assert_same_scores(answer.json(), reference(runs["a"], [long])[0])  # predict truncates the same way
+
+
+def test_limits_body_size_queue_timeout_and_routes(runs):
+    limits = ServeLimits(max_body_bytes=1000, max_queue=3, timeout_s=0.3, max_wait_ms=0)
+    client = started(create_app({"a": runs["a"], "b": runs["b"]}, precision="fp32", limits=limits))
+    try:
+        big = client.post("/predict/a", json={"inputs": "x" * 2000})
+        assert big.status_code == 413 and "1,000 bytes" in big.json()["error"]
+        chunked = client.post("/predict/a", content=iter([b'{"inputs": "', b"x" * 2000, b'"}']))
+        assert chunked.status_code == 413
+        full = client.post("/predict/a", json={"inputs": ["a", "b", "c", "d"]})
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        assert "queue is full" in full.json()["error"]
+        unknown = client.post("/predict/zz", json={"inputs": "x"})
+        assert unknown.status_code == 404 and unknown.json()["error"] == "no run named 'zz' (runs: a, b)"
+        several = client.post("/predict", json={"inputs": "x"})
+        assert several.status_code == 404 and "POST /predict/NAME" in several.json()["error"]
+        assert client.get("/predict/a").status_code == 405
+        # A batch that takes longer than --timeout-s: 504, and the server still answers afterwards.
+        run = client.app.state.lorafit.runs["a"]
+        slow = run.logits
+        run.logits = lambda rows: (time.sleep(1.0), slow(rows))[1]
+        late = client.post("/predict/a", json={"inputs": "x"})
+        assert late.status_code == 504 and "--timeout-s" in late.json()["error"]
+        run.logits = slow
+        time.sleep(1.0)
+        assert client.post("/predict/a", json={"inputs": "x"}).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_api_key_protects_predict_and_info_but_not_health_or_metrics(runs):
+    client = started(create_app({"a": runs["a"]}, precision="fp32", limits=ServeLimits(api_key="s3cret")))
+    try:
+        for path, method in (("/predict", "post"), ("/info", "get")):
+            kwargs = {"json": {"inputs": "x"}} if method == "post" else {}
+            missing = getattr(client, method)(path, **kwargs)
+            wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"}, **kwargs)
+            right = getattr(client, method)(path, headers={"Authorization": "Bearer s3cret"}, **kwargs)
+            assert missing.status_code == wrong.status_code == 401, path
+            assert missing.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer KEY" in missing.json()["error"]
+            assert right.status_code == 200, path
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/").status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_health_is_503_while_loading_and_after_the_worker_dies(runs, monkeypatch):
+    import lorafit.serve as serve
+
+    release = threading.Event()
+    real = serve.load_runs
+    monkeypatch.setattr(serve, "load_runs", lambda *args: (release.wait(10), real(*args))[1])
+    with TestClient(create_app({"a": runs["a"]}, precision="fp32")) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json()["error"] == "loading"
+        assert client.post("/predict", json={"inputs": "x"}).status_code == 503
+        release.set()
+        for _ in range(300):
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.02)
+        assert client.get("/health").json() == {"status": "ok"}
+        batcher = client.app.state.lorafit.batcher
+        client.portal.call(batcher.task.cancel)  # the worker dies
+        time.sleep(0.1)
+        dead = client.get("/health")
+        assert dead.status_code == 503 and "worker has stopped" in dead.json()["error"]
+
+
+def test_a_failing_batch_fails_only_its_requests(client):
+    run = client.app.state.lorafit.runs["a"]
+    real = run.logits
+    poison = run.encode(["boom boom boom"], truncate=True)[0]
+
+    def logits(rows):
+        if poison in rows:
+            raise RuntimeError("simulated failure\nwith a second line")
+        return real(rows)
+
+    run.logits = logits
+    try:
+        bad = client.post("/predict", json={"inputs": ["boom boom boom", "ok"]})
+        assert bad.status_code == 500
+        assert bad.json() == {"error": "inference failed: simulated failure", "error_type": "backend"}
+        assert client.post("/predict", json={"inputs": HAM}).status_code == 200
+        assert client.get("/health").status_code == 200
+    finally:
+        run.logits = real
+
+
+def test_metrics_count_requests_texts_and_batches(client):
+    client.post("/predict", json={"inputs": [SPAM, HAM, "ok"]})
+    client.post("/predict", json={"inputs": ""})
+    text = client.get("/metrics").text
+    assert 'lorafit_requests_total{route="/predict",status="200"} 1.0' in text
+    assert 'lorafit_requests_total{route="/predict",status="422"} 1.0' in text
+    assert 'lorafit_texts_classified_total{run="a"} 3.0' in text
+    for name in ("lorafit_request_duration_seconds_bucket", "lorafit_queue_duration_seconds_count",
+                 "lorafit_batch_size_count", "lorafit_queue_depth", "lorafit_batch_duration_seconds_count"):  # fmt: skip
+        assert name in text
+
+
+def test_info_describes_each_run(client, runs):
+    info = client.get("/info").json()
+    (run,) = info["runs"]
+    saved = json.loads((runs["a"] / "metrics.json").read_text())
+    assert run["name"] == "a" and run["labels"] == ["ham", "spam"] and run["lora_merged"] is True
+    assert run["base_sha256"] == json.loads((runs["a"] / "config.json").read_text())["model"]["sha256"]
+    assert run["test_metrics"]["accuracy"] == saved["test"]["accuracy"]
+    assert info["limits"]["max_batch_size"] == 32 and info["lorafit_version"]
+    assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
+    assert "/predict/{name}" in client.get("/openapi.json").json()["paths"]
+
+
+def test_runs_on_one_base_share_its_frozen_tensors(runs):
+    client = started(create_app({"a": runs["a"], "b": runs["b"], "c": runs["c"]}, precision="fp32"))
+    try:
+        state = client.app.state.lorafit
+        models = {name: dict(state.runs[name].classifier.model.named_parameters()) for name in "abc"}
+        frozen = [name for name, p in models["a"].items() if not p.requires_grad]
+        assert frozen and all(models["a"][n] is models["b"][n] for n in frozen)
+        assert (
+            models["a"]["backbone.blocks.0.attn.query.A"] is not models["b"]["backbone.blocks.0.attn.query.A"]
+        )
+        assert not any(models["c"][n] is models["a"][n] for n in frozen)  # other weights: its own base
+        info = {r["name"]: r for r in client.get("/info").json()["runs"]}
+        assert info["a"]["shares_base_with"] == ["b"] and info["a"]["lora_merged"] is False
+        assert info["c"]["lora_merged"] is True
+        texts = [SPAM, HAM, "claim now"]
+        for name in "abc":
+            answer = client.post(f"/predict/{name}", json={"inputs": texts}).json()
+            for scores, want in zip(answer, reference(runs[name], texts)):
+                assert_same_scores(scores, want)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_the_batcher_drops_cancelled_texts_and_keeps_going():
+    seen = []
+
+    class Run:
+        def logits(self, rows):
+            seen.append([r[0] for r in rows])
+            if rows[0][0] == 13:
+                raise ValueError("unlucky")
+            return torch.tensor([[float(r[0]), 0.0] for r in rows])
+
+    async def scenario():
+        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=4, max_wait_ms=30), Metrics())
+        futures = batcher.submit("r", [[1], [2], [3]])
+        futures[1].cancel()  # its client left before the batch ran
+        batcher.start()
+        first = await asyncio.gather(futures[0], futures[2])
+        failed = batcher.submit("r", [[13]])[0]
+        with pytest.raises(Exception, match="unlucky"):
+            await failed
+        after = await batcher.submit("r", [[7]])[0]
+        await batcher.stop()
+        return first, after
+
+    first, after = asyncio.run(scenario())
+    assert seen == [[1, 3], [13], [7]]
+    assert [float(r[0][0]) for r in first] == [1.0, 3.0] and float(after[0][0]) == 7.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_refuses_bad_runs_busy_ports_and_duplicates(runs, tmp_path, capsys):
+    code, _, err = run_main(["serve", "--run", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "is not a lorafit run directory" in err
+    code, _, err = run_main(["serve", "--run", f"x={runs['a']}", "--run", f"y={runs['a']}"], capsys)
+    assert code == 2 and "is served twice (as 'x' and 'y')" in err
+    code, _, err = run_main(["serve", "--run", f"x={runs['a']}", "--run", f"x={runs['b']}"], capsys)
+    assert code == 2 and "the name 'x' is given twice" in err
+    code, _, err = run_main(["serve", "--run", str(runs["a"]), "--max-batch-size", "0"], capsys)
+    assert code == 2 and "--max-batch-size must be at least 1" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_main(["serve", "--run", str(runs["a"]), "--port", str(port)], capsys)
+    assert code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_a_real_server_finishes_requests_in_flight_on_sigterm(runs):
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorafit", "serve", "--run", f"spam={runs['a']}", "--port", str(port),
+         "--precision", "fp32", "--max-wait-ms", "1500"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert "lorafit serve: spam (" in line and f"ready at http://127.0.0.1:{port}" in line, line
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        with ThreadPoolExecutor(3) as pool:
+            # These wait 1.5 s for their batch to fill: SIGTERM arrives while they are in flight.
+            pending = [
+                pool.submit(httpx.post, f"{url}/predict", json={"inputs": t}, timeout=20) for t in (SPAM, HAM)
+            ]
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            answers = [p.result() for p in pending]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()[0]["label"] in ("ham", "spam")
+        assert process.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
