@@ -266,7 +266,7 @@ def run_tfidf(data: str, protocol: str) -> dict:
         features(fit_rows, fit=True), [y[i] for i in fit_rows]
     )
     seconds = time.perf_counter() - start
-    from lorafit.train import classification_metrics
+    from lorafit.metrics import classification_metrics
 
     def score(rows):
         return classification_metrics([y[i] for i in rows], model.predict(features(rows)).tolist(), names)

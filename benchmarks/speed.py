@@ -208,15 +208,8 @@ def run_lorafit(
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.lora import merge_lora
-    from lorafit.train import (
-        Split,
-        cast_frozen_weights,
-        fit,
-        packs_batches,
-        predict_logits,
-        resolve_precision,
-        training_batches,
-    )
+    from lorafit.devices import cast_frozen_weights, resolve_precision
+    from lorafit.train import Split, fit, packs_batches, predict_logits, training_batches
 
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
@@ -545,7 +538,7 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
 def parent_main(args: argparse.Namespace) -> None:
     import torch
 
-    from lorafit.train import cpu_has_fast_bf16
+    from lorafit.devices import cpu_has_fast_bf16
 
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     if not Path(args.data).is_file():

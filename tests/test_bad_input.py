@@ -132,7 +132,7 @@ def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
         (["eval", "--run", str(bad_files / "nowhere")], "nowhere: not a lorafit run directory (no config.json)"),
         (["predict", "--run", str(run)], "nothing to predict"),
         (["predict", "--run", str(run), "--file", str(bad_files / "missing.txt")], "--file"),
-        (["predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv")], "not utf-8 text (try --encoding latin-1)"),
+        (["predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv")], "latin1.tsv: line 2: not valid utf-8 text; if the file is Latin-1, pass --encoding latin-1"),
         (["export", "--run", str(run), "--format", "onnx", "--out", str(bad_files / "x")], "argument --format: invalid choice"),
     ):  # fmt: skip
         code, _, stderr = run_main(argv, capsys)

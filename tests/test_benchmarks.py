@@ -44,13 +44,15 @@ def test_lab_split_matches_pandas(tmp_path: Path) -> None:
 
 def test_lab_split_file_trains_on_the_same_rows(tmp_path: Path) -> None:
     """The JSONL that the LoRA rows train on, read back by lorafit with shuffle off, gives the same split."""
-    from lorafit.run import DataOptions, _load_splits
+    from lorafit.config import DataOptions
+    from lorafit.data import load_splits
 
     path = lab_style_file(tmp_path)
     texts, labels, *parts = accuracy.protocol_rows(str(path), "a")
     split_file = accuracy.write_lab_split(str(path), tmp_path / "out")
     options = DataOptions(source=str(split_file), balance=False, shuffle=False, split=(0.7, 0.1, 0.2))
-    dataset, *read_back = _load_splits(options, seed=7, log=lambda *a: None)
+    splits = load_splits(options, seed=7, log=lambda *a: None)
+    dataset, read_back = splits.dataset, (splits.train, splits.val, splits.test)
     for rows, rows_back in zip(parts, read_back):
         assert [texts[i] for i in rows] == [dataset.texts[i] for i in rows_back]
         assert [labels[i] for i in rows] == [dataset.labels[i] for i in rows_back]
@@ -74,7 +76,8 @@ def test_unused_ham_is_the_distinct_ham_outside_every_split(tmp_path: Path) -> N
 def test_cross_validation_folds_hold_every_training_row_out_once(tmp_path: Path, protocol: str) -> None:
     """--cv: each fold trains on the other folds' rows, chooses the epoch on the protocol's validation
     rows, is scored on its own; over the folds every training row is held out exactly once, test never."""
-    from lorafit.run import DataOptions, _load_splits
+    from lorafit.config import DataOptions
+    from lorafit.data import load_splits
 
     path = lab_style_file(tmp_path)
     texts, labels, train, val, test = accuracy.protocol_rows(str(path), protocol)
@@ -87,7 +90,8 @@ def test_cross_validation_folds_hold_every_training_row_out_once(tmp_path: Path,
         # The fold's JSONL, read back by lorafit with shuffle off, gives these three parts.
         fold_file, split = accuracy.write_fold(str(path), 3, fold, tmp_path / "out", protocol)
         options = DataOptions(source=str(fold_file), balance=False, shuffle=False, split=split)
-        dataset, *read_back = _load_splits(options, seed=7, log=lambda *a: None)
+        splits = load_splits(options, seed=7, log=lambda *a: None)
+        dataset, read_back = splits.dataset, (splits.train, splits.val, splits.test)
         for rows, rows_back in zip((fit, fold_val, held), read_back):
             assert [texts[i] for i in rows] == [dataset.texts[i] for i in rows_back]
             assert [labels[i] for i in rows] == [dataset.labels[i] for i in rows_back]

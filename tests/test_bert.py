@@ -190,7 +190,7 @@ def test_all_padding_row_and_bf16_autocast_stay_finite():
 
 def test_frozen_weights_in_bf16_keep_the_embedding_sum_in_fp32():
     from lorafit.config import BertConfig
-    from lorafit.train import cast_frozen_weights
+    from lorafit.devices import cast_frozen_weights
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -217,7 +217,7 @@ def test_class_mixed_bucketing_mixes_classes_and_still_groups_lengths():
 
 
 def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
-    from lorafit.train import autocast, cast_frozen_weights
+    from lorafit.devices import autocast, cast_frozen_weights
 
     model = _tiny_classifier(tiny_gpt2_config)
     rows = [[10, 20, 30, 40], [50, 60], [70, 80, 90, 100, 110]]
@@ -375,9 +375,9 @@ def test_activation_checkpointing_gives_the_same_gradients(family, tiny_gpt2_con
 
 
 def test_auto_precision_says_why_it_chose_fp32(tiny_gpt2_dir, sms_file, tmp_path, capsys, monkeypatch):
-    import lorafit.train
+    import lorafit.devices
 
-    monkeypatch.setattr(lorafit.train, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(lorafit.devices, "cpu_has_fast_bf16", lambda: False)
     train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "run", "--precision", "auto", "--epochs", "1")
     printed = capsys.readouterr().out
     assert "precision: fp32 (this CPU has no fast bf16: no AVX-512 BF16 / AMX)" in printed

@@ -107,6 +107,7 @@ BAD_REQUESTS = [
     # (body bytes or JSON value, status, error_type, fragment of the sentence)
     (b"{not json", 422, "validation", "not valid JSON"),
     (b"\xff\xfe garbage", 422, "validation", "not valid JSON"),
+    (b'{"inputs": "caf\xe9"}', 422, "validation", "not UTF-8 text"),
     ([1, 2], 422, "validation", "must be a JSON object"),
     ({}, 422, "validation", '"inputs" is missing'),
     ({"inputs": 3}, 422, "validation", '"inputs" must be a string or a list of strings, got a number'),

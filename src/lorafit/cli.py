@@ -133,7 +133,6 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune and write a run directory."""
-    from .data import parse_split
     from .run import RunOptions, resume_run, train_run
 
     if args.threads:
@@ -154,50 +153,64 @@ def cmd_train(args: argparse.Namespace) -> None:
         for key, value in RECIPES[args.recipe].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+    if args.checkpoint_every < 0:
+        raise LorafitError(
+            f"--checkpoint-every must be 0 (epoch ends only) or more, got {args.checkpoint_every}"
+        )
+    options = RunOptions(
+        model=args.model, weights=args.weights, pooling=args.pooling, lora=lora_config_from(args),
+        train=train_config_from(args), data=train_data_options_from(args), max_length=args.max_length,
+        out=args.out, examples=args.examples, checkpoint_every=args.checkpoint_every, class_weights=args.class_weights,
+    )  # fmt: skip
+    train_run(options)
+
+
+def train_data_options_from(args: argparse.Namespace):
+    """`train`'s data: one file cut by --split, or split files (--val-data / --test-data / --val-fraction);
+    a one-file option given with split files is refused, naming it."""
+    from .data import parse_split
+
     args.data = args.data or "sms-spam"
     data = data_options_from(args)
-    data.balance = args.balance
-    data.split = parse_split(args.split or "0.7,0.1,0.2")
-    data.stratify = args.stratify
-    data.shuffle = args.shuffle
+    data.val_source, data.test_source, data.val_fraction = args.val_data, args.test_data, args.val_fraction
+    if data.split_files():
+        one_file = {"--split": args.split is not None, "--balance / --no-balance": args.balance is not None,
+                    "--stratify": args.stratify, "--no-shuffle": not args.shuffle}  # fmt: skip
+        for option, given in one_file.items():
+            if given:
+                raise LorafitError(f"{option} applies to one --data file cut into splits; with --val-data / "
+                                   "--test-data / --val-fraction the files are the splits")  # fmt: skip
+        if args.val_fraction is not None and args.val_data is not None:
+            raise LorafitError(
+                "--val-fraction and --val-data exclude each other (validation comes from one of them)"
+            )
+        if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+            raise LorafitError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+        data.balance = False
+    else:
+        data.balance = args.balance
+        data.split = parse_split(args.split or "0.7,0.1,0.2")
+        data.stratify, data.shuffle = args.stratify, args.shuffle
     data.seed = args.data_seed
-    train = TrainConfig(
-        epochs=args.epochs,
-        batch_size=8 if args.batch_size is None else args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        grad_accum=args.grad_accum,
-        seed=42 if args.seed is None else args.seed,
-        log_every=10 if args.log_every is None else args.log_every,
-        eval_batch_size=args.eval_batch_size,
-        precision=args.precision,
-        bucketing=not args.no_bucketing,
-        mix_classes=not args.no_class_mixing,
-        packing=args.packing is not False and not args.no_bucketing,
-        scheduler=args.scheduler,
-        warmup=args.warmup,
-        keep_best=args.keep_best,
-        ema=args.ema,
-        activation_checkpointing=args.activation_checkpointing,
-        device=args.device,
-    )
+    return data
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
     if args.packing and args.no_bucketing:  # only an explicit --packing
         raise LorafitError("--packing and --no-bucketing exclude each other (packed batches have no padding)")
     if args.ema is not None and not 0 <= args.ema < 1:
         raise LorafitError(
             f"--ema must be a decay from 0 (off) up to, not including, 1 (e.g. 0.99), got {args.ema}"
         )
-    if args.checkpoint_every < 0:
-        raise LorafitError(
-            f"--checkpoint-every must be 0 (epoch ends only) or more, got {args.checkpoint_every}"
-        )
-    options = RunOptions(
-        model=args.model, weights=args.weights, pooling=args.pooling, lora=lora_config_from(args), train=train,
-        data=data, max_length=args.max_length, out=args.out, examples=args.examples,
-        checkpoint_every=args.checkpoint_every,
+    return TrainConfig(
+        epochs=args.epochs, batch_size=8 if args.batch_size is None else args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+        seed=42 if args.seed is None else args.seed, log_every=10 if args.log_every is None else args.log_every,
+        eval_batch_size=args.eval_batch_size, precision=args.precision, bucketing=not args.no_bucketing,
+        mix_classes=not args.no_class_mixing, packing=args.packing is not False and not args.no_bucketing,
+        scheduler=args.scheduler, warmup=args.warmup, keep_best=args.keep_best, ema=args.ema,
+        activation_checkpointing=args.activation_checkpointing, device=args.device,
     )  # fmt: skip
-    train_run(options)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -209,37 +222,51 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
+    from .metrics import format_report
+
     for name, m in results.items():
-        spam = ", ".join(
-            f"{label} P/R/F1 {v['precision']:.3f}/{v['recall']:.3f}/{v['f1']:.3f}"
-            for label, v in m["per_class"].items()
-        )
-        print(f"{name:>5}: accuracy {m['accuracy']:.2%} ({m['count']} rows) | loss {m['loss']:.4f} | {spam}")
+        print(f"{name}: accuracy {m['accuracy']:.2%} ({m['count']:,} rows) | macro-F1 {m['macro_f1']:.3f} | "
+              f"weighted-F1 {m['weighted_f1']:.3f} | loss {m['loss']:.4f}")  # fmt: skip
+        print(format_report(m) + "\n")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    """Label and probability for each text."""
+    """Label and probability for each text; with --file and --out, every row of a file to a file."""
+    import os
+
+    from . import distributed
+    from .predict import predict_file
     from .run import load_classifier
 
-    texts = list(args.texts)
-    if args.file:
-        try:
-            with open(args.file, encoding=args.encoding) as f:
-                texts += [line.rstrip("\r\n") for line in f if line.strip()]
-        except OSError as e:
-            raise LorafitError(f"--file {args.file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise LorafitError(
-                f"--file {args.file}: not {args.encoding} text (try --encoding latin-1)"
-            ) from None
-    if not texts:
+    if args.out and not args.file:
+        raise LorafitError("--out needs --file IN: the rows to classify")
+    if args.out and args.texts:
+        raise LorafitError("--out writes the rows of --file; give texts as arguments without --out")
+    if not args.texts and not args.file:
         raise LorafitError("nothing to predict: give texts as arguments or --file FILE")
-    classifier = load_classifier(args.run, device=args.device)
-    for text, result in zip(texts, classifier.predict(texts, progress=len(texts) > 256)):
+    if args.file and not os.path.isfile(args.file):
+        raise LorafitError(f"--file {args.file}: no such file")
+    if args.out and os.path.exists(args.out) and os.path.samefile(args.out, args.file):
+        raise LorafitError(f"--out {args.out} is the input file; choose another path")
+    for option in ("batch_size", "chunk_rows"):
+        if getattr(args, option) < 1:
+            raise LorafitError(
+                f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}"
+            )
+    device = distributed.init(args.device) if distributed.launched_by_torchrun() else args.device
+    classifier = load_classifier(args.run, device=device)
+    for text, result in zip(args.texts, classifier.predict(args.texts, progress=len(args.texts) > 256)):
         if args.json:
             print(json.dumps({"text": text, **result}))
         else:
             print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}")
+    if args.file:
+        rows = predict_file(classifier, args.file, args.out, text_column=args.text_column,
+                            header=False if args.no_header else None, encoding=args.encoding,
+                            batch_size=args.batch_size, chunk_rows=args.chunk_rows, as_json=args.json)  # fmt: skip
+        if args.out and distributed.is_main():
+            print(f"Wrote {rows:,} rows with label and p_<label> columns to {args.out}", file=sys.stderr)
+    distributed.shutdown()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -308,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (_params_parser, _train_parser, _eval_parser, _predict_parser, _serve_parser, _export_parser,
+                _import_parser):  # fmt: skip
+        add(sub)
+    return parser
 
+
+def _params_parser(sub) -> None:
     p = sub.add_parser("params", help="parameter report (trainable / total, before and after the head)")
     add_model_options(p)
     p.add_argument("--num-classes", type=int, default=2, help="classes of the head (default 2)")
@@ -318,12 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_params)
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a classifier and write a run directory")
     add_model_options(p)
     p.add_argument("--pooling", choices=("last", "mean", "cls", "pooler"), default=None,
                    help="how a row becomes one vector: last (GPT-2 default), mean (BERT default), cls, pooler")  # fmt: skip
     add_data_options(p, default=None)
-    g = p.add_argument_group("split")
+    _add_split_options(p)
+    _add_training_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_split_options(p) -> None:
+    g = p.add_argument_group("split files (a data set's own train / dev / test files)")
+    g.add_argument("--val-data", default=None, metavar="DEV",
+                   help="validation rows from this file (read like --data) instead of a cut of --data")  # fmt: skip
+    g.add_argument("--test-data", default=None, metavar="TEST",
+                   help="test rows from this file; without it there is no test split")  # fmt: skip
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="without --val-data: this stratified fraction of --data validates (default 0.1)")  # fmt: skip
+    g = p.add_argument_group("one file, cut into splits")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                    help="undersample the majority classes (default: on for sms-spam, off for files)")  # fmt: skip
     g.add_argument("--split", default=None, help="train,val,test fractions (default 0.7,0.1,0.2)")
@@ -336,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-length", type=int, default=None, help="tokens per text (default: longest training text)"
     )
+
+
+def _add_training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="seed: the reference lab's protocol (balanced SMS spam, 0.8/0.1/0.1, batch 8, 1 epoch, r8, alpha 16, seed 42)")  # fmt: skip
@@ -360,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate and keep an exponential moving average of the trained weights, with this "
                         "decay per optimiser step, e.g. 0.99 (default 0: off)")  # fmt: skip
+    g.add_argument("--class-weights", default=None, metavar="balanced|NAME=W,...",
+                   help="weigh each class's cross-entropy: balanced (inverse class frequency of the training "
+                        "rows) or e.g. ham=1,spam=3 (default: unweighted)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="rows per evaluation batch (default 32)")
@@ -385,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint every N batches (every epoch end always checkpoints)")  # fmt: skip
     g.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the interrupted run in DIR from its last checkpoint (takes no other settings)")  # fmt: skip
-    p.set_defaults(func=cmd_train)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="recompute a run's metrics")
     p.add_argument("--run", required=True, help="run directory")
     add_data_options(p, default=None)
@@ -394,15 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="classify texts with a trained run")
-    p.add_argument("--run", required=True, help="run directory")
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify texts with a trained run (arguments, or a file to a file)")
+    # --run-dir: under torchrun, whose own parser reads "--run" as an abbreviation of its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--file", default=None, help="a file with one text per line")
+    p.add_argument("--file", default=None,
+                   help="a data file (.tsv / .txt: one text per line or tab-separated, .csv, .jsonl) to classify")  # fmt: skip
+    p.add_argument("--text-column", default=None, help="the text column of --file (name, or 0-based number)")
+    p.add_argument("--no-header", action="store_true", help="--file has no header row")
     p.add_argument("--encoding", default="utf-8", help="encoding of --file")
+    p.add_argument("--out", default=None,
+                   help="write --file's rows with label and p_<label> columns here (.csv, .tsv or .jsonl), "
+                        "streaming, atomically")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--chunk-rows", type=int, default=4096,
+                   help="rows of --file read, classified and written at a time (default 4096)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve runs over HTTP (TEI-style /predict, a web page, /metrics)")
     p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
                    help="a run directory to serve, as NAME=DIR or DIR (named after the directory); repeat it "
@@ -427,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a run as a PEFT adapter or a merged Hugging Face model")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--format", choices=("peft", "merged"), required=True,
@@ -435,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write (new or empty)")
     p.set_defaults(func=cmd_export)
 
+
+def _import_parser(sub) -> None:
     p = sub.add_parser("import", help="turn a PEFT LoRA adapter into a lorafit run directory")
     p.add_argument("--peft", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
     p.add_argument("--base", default=None,
@@ -445,7 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="run directory to write (new or empty)")
     p.set_defaults(func=cmd_import)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,6 +97,37 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 @dataclass
+class DataOptions:
+    """Where the data comes from and how it is balanced and split.
+
+    One file (`source`) is balanced and cut by `split`. Split files (`val_source` and / or `test_source`,
+    or `val_fraction`) are used as they are: validation is `val_source`, else a seeded stratified
+    `val_fraction` of the training file; test is `test_source`, else there is none."""
+
+    source: str = "sms-spam"
+    text_column: str | None = None
+    label_column: str | None = None
+    header: bool | None = None
+    encoding: str = "utf-8"
+    strict: bool = False
+    balance: bool | None = None  # None: on for sms-spam, off for local files
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    stratify: bool = False
+    shuffle: bool = True  # False: cut the rows in file order (balancing keeps file order too)
+    seed: int | None = None  # None: the training seed
+    val_source: str | None = None  # --val-data
+    test_source: str | None = None  # --test-data
+    val_fraction: float | None = None  # without --val-data: this fraction of the training file (default 0.1)
+
+    def resolved_balance(self) -> bool:
+        return self.source == "sms-spam" if self.balance is None else self.balance
+
+    def split_files(self) -> bool:
+        """Whether the data comes as split files (train / dev / test) rather than one file to cut."""
+        return self.val_source is not None or self.test_source is not None or self.val_fraction is not None
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and run settings. `None` fields take the model family's default (`FAMILY_DEFAULTS`)."""
 
@@ -124,6 +155,9 @@ class TrainConfig:
     ema: float | None = None
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     device: str = "auto"
+    # Cross-entropy weight per class id (`--class-weights`; None: unweighted). The loss is the batch mean of
+    # weight[label] x cross-entropy, so "balanced" weights (mean 1 over the training rows) keep its scale.
+    class_weights: list[float] | None = None
 
 
 # Per family defaults. GPT-2's are the reference lab's. BERT's follow the recipe that validated best in

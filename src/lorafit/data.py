@@ -10,6 +10,7 @@ import csv
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -17,8 +18,8 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ class TextDataset:
     labels: list[str]
     source: str  # for humans: the path, or which copy of the SMS data
     skipped: int = 0  # rows dropped for a missing label or empty text (only when not strict)
+    lines: list[int] = field(default_factory=list)  # the file line each row starts on (for error messages)
 
 
 def load_dataset(
@@ -284,7 +286,7 @@ def _parse_text(
 
     if not data_rows:
         raise LorafitError(f"{source}: a header row but no data rows")
-    texts, labels, skipped = [], [], 0
+    texts, labels, lines, skipped = [], [], [], 0
     for line, row in data_rows:
         label = _cell(row, label_key).strip()
         body = _cell(row, text_key)
@@ -296,6 +298,7 @@ def _parse_text(
             continue
         texts.append(body)
         labels.append(label)
+        lines.append(line)
 
     if not texts:
         raise LorafitError(f"{source}: no usable rows ({skipped} skipped for a missing label or empty text)")
@@ -305,7 +308,7 @@ def _parse_text(
             f"{source}: every row has the label {classes[0]!r}; a classifier needs at least 2 classes"
             " (is --label-column right?)"
         )
-    return TextDataset(texts=texts, labels=labels, source=source, skipped=skipped)
+    return TextDataset(texts=texts, labels=labels, source=source, skipped=skipped, lines=lines)
 
 
 def _split_rows(text: str, fmt: str, source: str) -> list[tuple[int, list[str]]]:
@@ -339,19 +342,20 @@ def _split_rows(text: str, fmt: str, source: str) -> list[tuple[int, list[str]]]
 
 def _jsonl_rows(text: str, source: str) -> list[tuple[int, dict]]:
     """(1-based line, object) for every non-blank line of a JSON-lines file."""
-    rows = []
-    for i, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:  # absurdly deep nesting overflows the parser
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise LorafitError(f"{source}: line {i}: invalid JSON ({msg})") from None
-        if not isinstance(obj, dict):
-            raise LorafitError(f"{source}: line {i}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((i, obj))
-    return rows
+    return [
+        (i, _json_object(line, source, i)) for i, line in enumerate(text.split("\n"), start=1) if line.strip()
+    ]
+
+
+def _json_object(line: str, source: str, number: int) -> dict:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:  # absurdly deep nesting overflows the parser
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise LorafitError(f"{source}: line {number}: invalid JSON ({msg})") from None
+    if not isinstance(obj, dict):
+        raise LorafitError(f"{source}: line {number}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _cell(row: list[str] | dict, key: int | str) -> str:
@@ -404,10 +408,116 @@ def _pick_column(
         )
     if len(columns) == 2:  # headerless label<TAB>text, like the SMS collection
         return 0 if what == "label" else 1
+    if len(columns) == 1 and what == "text":  # one text per line (a file to predict on)
+        return 0
     raise LorafitError(
         f"{source}: no header row and {len(columns)} column(s), so the text and label columns are unclear;"
         " pass --text-column and --label-column (0-based numbers)"
     )
+
+
+def read_text_chunks(
+    path: str | Path,
+    *,
+    text_column: str | None = None,
+    header: bool | None = None,
+    encoding: str = "utf-8",
+    chunk_rows: int = 4096,
+) -> tuple[list[str], int | str, Iterator[list[tuple[int, list[str] | dict]]]]:
+    """Stream a file to classify, without reading it whole: `(columns, text_key, chunks)`.
+
+    The formats are `read_table`'s; no label column is needed. `columns` are the header's names (for a
+    headerless table `column_0`, `column_1`, ...), `text_key` the text column (an index, or a key for
+    .jsonl), and `chunks` yields lists of up to `chunk_rows` `(line, cells or object)` rows."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl)")
+    rows = _stream_rows(path, fmt, encoding)
+    try:
+        first_line, first = next(rows)
+    except StopIteration:
+        raise LorafitError(f"{path}: the file is empty") from None
+    if fmt == "jsonl":
+        columns = list(first)
+        keys = [k.lower() for k in columns]
+        asked = (text_column or "").strip().lower()
+        found = asked if asked in keys else next((n for n in TEXT_NAMES if n in keys), None)
+        if found is None:
+            what = (
+                f"no text field named {text_column!r}"
+                if text_column
+                else "cannot tell which field holds the text"
+            )
+            raise LorafitError(
+                f"{path}: line {first_line}: {what} (fields: {', '.join(map(repr, columns[:12]))})"
+            )
+        return (
+            columns,
+            columns[keys.index(found)],
+            _chunks(itertools.chain([(first_line, first)], rows), chunk_rows),
+        )
+    if header is None:
+        asked = text_column is not None and not text_column.strip().isdigit()
+        cells = {c.strip().lower() for c in first}
+        header = (asked and text_column.strip().lower() in cells) or bool(cells & set(TEXT_NAMES))
+    columns = first if header else [f"column_{i}" for i in range(len(first))]
+    key = _pick_column(columns, text_column, TEXT_NAMES, "text", str(path), bool(header))
+    body = rows if header else itertools.chain([(first_line, first)], rows)
+    return columns, key, _chunks(body, chunk_rows)
+
+
+def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, list[str] | dict]]:
+    """(line, cells or object) for each non-blank row, decoding line by line so an error names its line."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise LorafitError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LorafitError(f"{path}: is a directory, expected a file") from None
+    except OSError as e:
+        raise LorafitError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        "".encode(encoding)
+    except LookupError:
+        raise LorafitError(f"unknown encoding {encoding!r}") from None
+
+    def decoded() -> Iterator[str]:
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError:
+                    raise LorafitError(f"{path}: line {number}: not valid {encoding} text; if the file is "
+                                       "Latin-1, pass --encoding latin-1") from None  # fmt: skip
+                yield line.removeprefix("\ufeff") if number == 1 else line
+
+    if fmt == "csv":
+        reader = csv.reader(decoded(), strict=True)
+        start = 1
+        try:
+            for cells in reader:
+                if cells:
+                    yield start, cells
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise LorafitError(f"{path}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
+        return
+    n_cols = 0
+    for number, line in enumerate(decoded(), start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if fmt == "jsonl":
+            yield number, _json_object(line, str(path), number)
+            continue
+        n_cols = n_cols or line.count("\t") + 1  # as `_split_rows`: the first row fixes the columns
+        yield number, line.split("\t", n_cols - 1)
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
 
 
 def label_names(labels: list[str]) -> list[str]:
@@ -498,3 +608,106 @@ def parse_split(text: str) -> tuple[float, float, float]:
     if values[0] <= 0:
         raise LorafitError(f"--split needs a training fraction above 0 (got {text!r})")
     return values  # type: ignore[return-value]
+
+
+@dataclass
+class Splits:
+    """A run's data: every row in `dataset` (for split files: the training file's rows, then validation's,
+    then test's), the row indices of each split, and the files read with their sha256."""
+
+    dataset: TextDataset
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    files: dict[str, dict] = field(default_factory=dict)  # {"train": {"path", "sha256"}, "val": ..., ...}
+
+
+def load_splits(options, seed: int, log: Callable[[str], object] = print) -> Splits:
+    """The train / validation / test rows `options` (a `DataOptions`) describe: one file balanced and cut by
+    `split`, or split files used as they are (`DataOptions.split_files`)."""
+    if options.split_files():
+        return _load_split_files(options, seed, log)
+    dataset = _read(options, options.source, log)
+    indices = (
+        balance_classes(dataset.labels, seed)
+        if options.resolved_balance()
+        else list(range(len(dataset.texts)))
+    )
+    if not options.shuffle:
+        indices = sorted(indices)
+    stratify = [dataset.labels[i] for i in indices] if options.stratify else None
+    train, val, test = split_indices(indices, options.split, seed, stratify=stratify, shuffle=options.shuffle)
+    if not train or not val:
+        raise LorafitError(
+            f"--data {options.source}: {len(indices)} rows leave an empty training or validation split with "
+            f"--split {options.split}"
+        )
+    files = {} if options.source == "sms-spam" else {"train": file_record(options.source)}
+    return Splits(dataset, train, val, test, files)
+
+
+def _read(options, path: str, log) -> TextDataset:
+    return load_dataset(path, text_column=options.text_column, label_column=options.label_column,
+                        header=options.header, encoding=options.encoding, strict=options.strict, log=log)  # fmt: skip
+
+
+def _load_split_files(options, seed: int, log) -> Splits:
+    """--data TRAIN [--val-data DEV] [--test-data TEST]: the files are the splits; without DEV a seeded
+    stratified `val_fraction` of TRAIN validates; without TEST there is no test split."""
+    if options.source == "sms-spam":
+        raise LorafitError(
+            "--val-data / --test-data / --val-fraction need --data TRAIN_FILE (not the built-in sms-spam)"
+        )
+    train = _read(options, options.source, log)
+    parts = {"val": options.val_source, "test": options.test_source}
+    read = {name: _read(options, path, log) for name, path in parts.items() if path is not None}
+    known = set(train.labels)
+    for part in read.values():
+        for label, line in zip(part.labels, part.lines):
+            if label not in known:
+                raise LorafitError(f"{part.source}: line {line}: label {label!r} does not occur in the training file "
+                                   f"{train.source} (its labels: {', '.join(label_names(train.labels))})")  # fmt: skip
+    texts, labels, lines = list(train.texts), list(train.labels), list(train.lines)
+    n = len(texts)
+    train_rows = list(range(n))
+    rows = {}
+    for name in ("val", "test"):
+        part = read.get(name)
+        rows[name] = list(range(len(texts), len(texts) + len(part.texts))) if part else []
+        if part:
+            texts, labels, lines = texts + part.texts, labels + part.labels, lines + part.lines
+    if "val" not in read:
+        fraction = 0.1 if options.val_fraction is None else options.val_fraction
+        kept, rows["val"], rest = split_indices(
+            train_rows, (1 - fraction, fraction, 0.0), seed, stratify=train.labels
+        )
+        train_rows = kept + rest  # rounding leftovers stay in training
+        if not rows["val"]:
+            raise LorafitError(f"--val-fraction {fraction} of {n} training rows leaves no validation rows")
+    source = " + ".join(p.source for p in [train, *read.values()])
+    skipped = train.skipped + sum(p.skipped for p in read.values())
+    dataset = TextDataset(texts, labels, source, skipped, lines)
+    files = {"train": file_record(options.source)}
+    files.update({name: file_record(parts[name]) for name in read})
+    return Splits(dataset, train_rows, rows["val"], rows["test"], files)
+
+
+def file_record(path: str) -> dict:
+    """A file's path and sha256 (its bytes), as a run records the data it was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def check_files(files: dict[str, dict], what: str) -> None:
+    """Refuse when a recorded data file is gone or its bytes changed (`what` names the run, for the message)."""
+    for record in files.values():
+        path = record["path"]
+        if not os.path.isfile(path):
+            raise LorafitError(f"{path}: no such file ({what} was trained on it)")
+        now = file_record(path)["sha256"]
+        if now != record["sha256"]:
+            raise LorafitError(f"{path}: the file changed since {what} was trained on it (sha256 "
+                               f"{record['sha256'][:12]}... then, {now[:12]}... now)")  # fmt: skip

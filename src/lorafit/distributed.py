@@ -126,3 +126,39 @@ def sharded_logits(
     for r, part in enumerate(gathered):
         logits[r::size] = part[: len(range(r, n, size))].cpu()
     return logits
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel under torchrun (it all-reduces the trainable tensors'
+    gradients), else `model` itself."""
+    if world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def my_rows(batch: Sequence[int]) -> tuple[list[int], float]:
+    """This rank's rows of a global batch and its loss weight: a rank left without rows (a last batch smaller
+    than the world) still computes a row, weighted 0, so that it joins the gradient all-reduce."""
+    rows = my_share(batch) if world_size() > 1 else list(batch)
+    return (rows, 1.0) if rows else (list(batch[:1]), 0.0)
+
+
+def loss_scale(batch_size: int, grad_accum: int, weight: float) -> float | None:
+    """What a rank's summed loss is multiplied by before backward (None in one process: the plain mean)."""
+    if world_size() == 1:
+        return None
+    return world_size() * weight / batch_size / grad_accum
+
+
+def global_sum(value: float, device: torch.device) -> float:
+    return all_reduce_sum([value], device)[0]
+
+
+def sum_to_main(values: Sequence[float], device: torch.device) -> list[float]:
+    """The sums over ranks on rank 0, zeros on the others (for counts that rank 0 saves and counts on)."""
+    if world_size() == 1:
+        return list(values)
+    total = all_reduce_sum(values, device)
+    return total if is_main() else [0.0] * len(total)

@@ -147,15 +147,30 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         )
     _check_pooling(config, spec.family, run_dir, "PEFT")
     classifier = load_classifier(run_dir, device="cpu", precision="fp32", merge=False)
-    model = classifier.model
-    backbone = model.backbone
     lora = config_from_dict(LoRAConfig, config["lora"])
-    modules = {name: m for name, m in backbone.named_modules() if isinstance(m, LoRALinear)}
+    adapters = _peft_adapters(classifier.model.backbone, spec.family)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b, _) in adapters.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+    modules_to_save = _peft_saved_modules(classifier.model, spec.family, lora, tensors, run_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(tensors, out / "adapter_model.safetensors")
+    write_json_atomic(out / "adapter_config.json", _peft_config(adapters, spec, lora, modules_to_save))
+    _export_note(out, spec, config, classifier.tokenizer.pad_id, "peft")
+    return out
 
-    # (Hugging Face module name) -> (A: rank × in, B: out × rank, alpha), in PEFT's lora_A / lora_B layout.
+
+def _peft_adapters(
+    backbone: torch.nn.Module, family: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(Hugging Face module name) -> (A: rank x in, B: out x rank, alpha), in PEFT's lora_A / lora_B layout.
+    GPT-2's q, k, v become one adapter of HF's fused c_attn: the A's stacked, the B's block-diagonal."""
+    modules = {name: m for name, m in backbone.named_modules() if isinstance(m, LoRALinear)}
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for i in range(len(backbone.blocks)):
-        if spec.family == "gpt2":
+        if family == "gpt2":
             parts = [(j, modules.get(f"blocks.{i}.{p}")) for j, p in enumerate(QKV)]
             parts = [(j, m) for j, m in parts if m is not None]
             if parts:
@@ -178,13 +193,15 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             m = modules.get(f"blocks.{i}.{path}")
             if m is not None:
                 adapters[prefix + hf_path] = (m.A.T, m.B.T, m.alpha)
+    return adapters
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (a, b, _) in adapters.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+
+def _peft_saved_modules(model, family: str, lora: LoRAConfig, tensors: dict, run_dir) -> list[str]:
+    """Add the fully saved modules (the head; GPT-2's final LayerNorm, which takes the head's bias; BERT's
+    pooler when trained) to `tensors`; returns PEFT's `modules_to_save`."""
+    backbone = model.backbone
     extra = set(lora.modules_to_save)
-    if spec.family == "gpt2":
+    if family == "gpt2":
         extra -= {"ln_f"}
         ln = backbone.ln_f
         tensors[PREFIX + "transformer.ln_f.weight"] = ln.weight
@@ -204,14 +221,17 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         tensors[PREFIX + "classifier.bias"] = model.head.bias
     if extra:
         raise LorafitError(f"{run_dir}: fully trained module {sorted(extra)[0]!r} has no PEFT export mapping")
+    return modules_to_save
 
-    # The most common (rank, alpha) is the config's r / lora_alpha; the others go to the patterns.
+
+def _peft_config(adapters: dict, spec: ModelSpec, lora: LoRAConfig, modules_to_save: list[str]) -> dict:
+    """adapter_config.json: the most common (rank, alpha) is r / lora_alpha; the others go to the patterns."""
     shapes = Counter((a.shape[0], alpha) for a, _, alpha in adapters.values())
     (rank, alpha), _ = shapes.most_common(1)[0]
     relative = {name: name.removeprefix("transformer.").removeprefix("bert.") for name in adapters}
     rank_pattern = {relative[n]: a.shape[0] for n, (a, _, al) in adapters.items() if a.shape[0] != rank}
     alpha_pattern = {relative[n]: al for n, (_, _, al) in adapters.items() if al != alpha}
-    adapter_config = {
+    return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
         "base_model_name_or_path": _base_name(spec),
@@ -232,12 +252,6 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         "layers_pattern": None,
         "revision": None,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(tensors, out / "adapter_model.safetensors")
-    write_json_atomic(out / "adapter_config.json", adapter_config)
-    _export_note(out, spec, config, classifier.tokenizer.pad_id, "peft")
-    return out
 
 
 def _plain_state(backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -369,14 +383,67 @@ def import_peft(
 ) -> Path:
     """Turn a PEFT LoRA adapter for sequence classification (GPT-2 or BERT family) into a lorafit run
     directory, ready for `lorafit eval` / `predict` and `load_classifier`. Returns the run directory."""
+    peft_dir = Path(peft_dir)
+    where = f"--peft {peft_dir}"
+    adapter_config, tensors = _read_peft(peft_dir, where)
+    if base is None:
+        hub = adapter_config.get("base_model_name_or_path") or ""
+        base = _HUB_BASES.get(hub, hub)
+        if not base or (base not in _HUB_BASES.values() and not Path(base).is_dir()):
+            raise LorafitError(f"{where}: base model {hub!r} is not available here; pass --base MODEL")
+    spec = resolve_model(base, weights)
+    family = spec.family
+    adapters, head, saved_modules = _lorafit_tensors(tensors, adapter_config, family, where)
+    if "weight" not in head:
+        raise LorafitError(
+            f"{where}: no classification head (score / classifier); lorafit imports SEQ_CLS adapters"
+        )
+    num_classes = head["weight"].shape[0]
+    labels = labels or [f"LABEL_{i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise LorafitError(
+            f"--labels: {len(labels)} labels given, the adapter's head has {num_classes} classes"
+        )
+    lora = _imported_lora_config(adapters, saved_modules, adapter_config)
+    pooling = HF_POOLING[family]
+    train = resolve_train_config(TrainConfig(), family)
+    model, before_head = build_classifier(spec, num_classes, pooling, lora, seed=train.seed)
+    values = {f"backbone.{key}.{ab}": t for key, pair in adapters.items() for ab, t in zip("AB", pair[:2])}
+    values.update({f"backbone.{key}": tensor for key, tensor in saved_modules.items()})
+    values["head.weight"] = head["weight"]
+    values["head.bias"] = head.get("bias", torch.zeros(num_classes))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in values.items():
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise LorafitError(
+                    f"{where}: tensor for {name} has shape {tuple(tensor.shape)}, the base model {base} "
+                    f"expects {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+    context = getattr(spec.config, "context_length", None) or spec.config.max_position_embeddings
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
+    run_config = {
+        "lorafit_version": __version__, "model": spec.as_dict(), "pooling": pooling, "lora": asdict(lora),
+        "labels": labels, "max_length": context, "train": asdict(train), "precision": "fp32", "data": None,
+        "parameters": report, "imported_from": {"peft": str(peft_dir.resolve()), "base_model_name_or_path": base},
+    }  # fmt: skip
+    save_adapter(model, out / "adapter.safetensors", metadata={"lorafit_version": __version__})
+    write_json_atomic(out / "labels.json", labels)
+    write_json_atomic(out / "config.json", run_config)
+    return out
+
+
+def _read_peft(peft_dir: Path, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json (refusing what lorafit's LoRA cannot express) and the adapter's tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    peft_dir = Path(peft_dir)
     adapter_config = read_json(
-        peft_dir / "adapter_config.json", f"--peft {peft_dir}: no adapter_config.json (not a PEFT adapter)"
+        peft_dir / "adapter_config.json", f"{where}: no adapter_config.json (not a PEFT adapter)"
     )
-    where = f"--peft {peft_dir}"
     if adapter_config.get("peft_type") != "LORA":
         raise LorafitError(
             f"{where}: peft_type {adapter_config.get('peft_type')!r}; lorafit imports LORA only"
@@ -394,19 +461,14 @@ def import_peft(
         raise LorafitError(
             f"{where}: adapter_model.safetensors is unreadable ({str(e).splitlines()[0]})"
         ) from None
+    return adapter_config, {k.removeprefix(PREFIX): v.float() for k, v in tensors.items()}
 
-    if base is None:
-        hub = adapter_config.get("base_model_name_or_path") or ""
-        base = _HUB_BASES.get(hub, hub)
-        if not base or (base not in _HUB_BASES.values() and not Path(base).is_dir()):
-            raise LorafitError(f"{where}: base model {hub!r} is not available here; pass --base MODEL")
-    spec = resolve_model(base, weights)
-    family = spec.family
-    tensors = {k.removeprefix(PREFIX): v.float() for k, v in tensors.items()}
+
+def _lorafit_tensors(tensors: dict, adapter_config: dict, family: str, where: str) -> tuple[dict, dict, dict]:
+    """PEFT's tensors in lorafit's terms: adapters {module path: (A: in x r, B: r x out, alpha)}, the head
+    {"weight", "bias"} and the fully saved modules {lorafit name: tensor}. A fused c_attn is split exactly."""
     default_alpha = adapter_config.get("lora_alpha", 8)
     rslora = bool(adapter_config.get("use_rslora"))
-
-    # lorafit module path -> (A: in × r, B: r × out, alpha) ; plus fully saved modules.
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     head: dict[str, torch.Tensor] = {}
     saved_modules: dict[str, torch.Tensor] = {}
@@ -429,13 +491,12 @@ def import_peft(
                 for j, part in enumerate(QKV):
                     b_part = b[j * d : (j + 1) * d]
                     used = b_part.abs().sum(0) > 0  # our own exports are block-diagonal: keep r, not 3r
-                    if not used.any():
-                        continue
-                    adapters[f"blocks.{block}.{part}"] = (
-                        a[used].T,
-                        b_part[:, used].T,
-                        scaling * int(used.sum()),
-                    )
+                    if used.any():
+                        adapters[f"blocks.{block}.{part}"] = (
+                            a[used].T,
+                            b_part[:, used].T,
+                            scaling * int(used.sum()),
+                        )
             else:
                 adapters[f"blocks.{block}.{path}"] = (a.T, b.T, scaling * rank)
         elif ".lora_B." in key:
@@ -448,19 +509,12 @@ def import_peft(
             saved_modules["pooler." + key.rsplit(".", 1)[1]] = tensors[key]
         else:
             raise LorafitError(f"{where}: tensor {key!r} has no lorafit counterpart")
-    if "weight" not in head:
-        raise LorafitError(
-            f"{where}: no classification head (score / classifier); lorafit imports SEQ_CLS adapters"
-        )
-    num_classes = head["weight"].shape[0]
-    labels = labels or [f"LABEL_{i}" for i in range(num_classes)]
-    if len(labels) != num_classes:
-        raise LorafitError(
-            f"--labels: {len(labels)} labels given, the adapter's head has {num_classes} classes"
-        )
+    return adapters, head, saved_modules
 
-    # One LoRAConfig over the product of targets and blocks; a combination PEFT did not adapt gets a
-    # rank-1 LoRA whose B is zero, which changes nothing.
+
+def _imported_lora_config(adapters: dict, saved_modules: dict, adapter_config: dict) -> LoRAConfig:
+    """One LoRAConfig over the product of targets and blocks; a combination PEFT did not adapt gets a
+    rank-1 LoRA whose B is zero, which changes nothing."""
     paths = {p: t for t, p in LORA_TARGET_MODULES.items()}
     targets = sorted({paths[k.split(".", 2)[2]] for k in adapters}, key=list(LORA_TARGET_MODULES).index)
     blocks = sorted({int(k.split(".")[1]) for k in adapters})
@@ -475,51 +529,8 @@ def import_peft(
                 rank_pattern[key] = r
             if al != alpha:
                 alpha_pattern[key] = al
-    modules_to_save = sorted({name.split(".")[0] for name in saved_modules})
-    lora = LoRAConfig(
+    return LoRAConfig(
         rank=rank, alpha=alpha, dropout=float(adapter_config.get("lora_dropout", 0.0)), targets=targets or ["q"],
         blocks=blocks or None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        modules_to_save=modules_to_save,
+        modules_to_save=sorted({name.split(".")[0] for name in saved_modules}),
     )  # fmt: skip
-    pooling = HF_POOLING[family]
-    train = resolve_train_config(TrainConfig(), family)
-    model, before_head = build_classifier(spec, num_classes, pooling, lora, seed=train.seed)
-
-    params = dict(model.named_parameters())
-    values: dict[str, torch.Tensor] = {}
-    for key, (a, b, _) in adapters.items():
-        values[f"backbone.{key}.A"], values[f"backbone.{key}.B"] = a, b
-    for key, tensor in saved_modules.items():
-        values[f"backbone.{key}"] = tensor
-    values["head.weight"] = head["weight"]
-    values["head.bias"] = head.get("bias", torch.zeros(num_classes))
-    with torch.no_grad():
-        for name, tensor in values.items():
-            if tuple(params[name].shape) != tuple(tensor.shape):
-                raise LorafitError(
-                    f"{where}: tensor for {name} has shape {tuple(tensor.shape)}, the base model {base} "
-                    f"expects {tuple(params[name].shape)}"
-                )
-            params[name].copy_(tensor)
-
-    context = getattr(spec.config, "context_length", None) or spec.config.max_position_embeddings
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
-    run_config = {
-        "lorafit_version": __version__,
-        "model": spec.as_dict(),
-        "pooling": pooling,
-        "lora": asdict(lora),
-        "labels": labels,
-        "max_length": context,
-        "train": asdict(train),
-        "precision": "fp32",
-        "data": None,
-        "parameters": report,
-        "imported_from": {"peft": str(peft_dir.resolve()), "base_model_name_or_path": base},
-    }
-    save_adapter(model, out / "adapter.safetensors", metadata={"lorafit_version": __version__})
-    write_json_atomic(out / "labels.json", labels)
-    write_json_atomic(out / "config.json", run_config)
-    return out

@@ -75,3 +75,40 @@ def plot_accuracy(epochs: list[dict], path: str | os.PathLike) -> None:
     ax.set_title("Accuracy")
     ax.set_xticks(x)
     _save(plt, fig, ax, path)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | os.PathLike, title: str) -> None:
+    """The confusion matrix twice, side by side: counts, and each true class's row as fractions of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = len(labels)
+    size = max(4.0, 0.7 * k + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), dpi=100)
+    for ax, values, what in (
+        (axes[0], counts, "counts"),
+        (axes[1], normalised, "fraction of the true class"),
+    ):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=values.max() or 1)
+        ax.set_xticks(range(k), labels, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticks(range(k), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(what)
+        for i in range(k):
+            for j in range(k):
+                text = f"{int(counts[i, j]):,}" if values is counts else f"{values[i, j]:.2f}"
+                dark = values[i, j] > 0.6 * (values.max() or 1)
+                ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,17 +1,21 @@
 """A run directory: train one, reload it, evaluate it, predict with it.
 
 A run directory holds `config.json` (everything needed to rebuild the model), `adapter.safetensors`
-(LoRA A/B and the head only), `labels.json`, `metrics.json`, `log.jsonl`, `loss.png` and `accuracy.png`.
+(LoRA A/B and the head only), `labels.json`, `metrics.json`, `log.jsonl`, `loss.png`, `accuracy.png` and
+`confusion.png`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__, distributed
@@ -25,43 +29,14 @@ from .classifier import (
     resolve_model,
     save_adapter,
 )
-from .config import LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
-from .data import TextDataset, balance_classes, label_names, load_dataset, split_indices
+from .config import DataOptions, LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
+from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
+from .devices import cast_frozen_weights, resolve_device, resolve_precision
 from .errors import LorafitError
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
-from .train import (
-    Split,
-    cast_frozen_weights,
-    evaluate,
-    fit,
-    metrics_from_logits,
-    packs_batches,
-    predict_logits,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
-
-
-@dataclass
-class DataOptions:
-    """Where the data comes from and how it is balanced and split."""
-
-    source: str = "sms-spam"
-    text_column: str | None = None
-    label_column: str | None = None
-    header: bool | None = None
-    encoding: str = "utf-8"
-    strict: bool = False
-    balance: bool | None = None  # None: on for sms-spam, off for local files
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    stratify: bool = False
-    shuffle: bool = True  # False: cut the rows in file order (balancing keeps file order too)
-    seed: int | None = None  # None: the training seed
-
-    def resolved_balance(self) -> bool:
-        return self.source == "sms-spam" if self.balance is None else self.balance
+from .metrics import format_report, metrics_from_logits
+from .train import Split, evaluate, fit, packs_batches, predict_logits, seed_everything
 
 
 @dataclass
@@ -78,6 +53,7 @@ class RunOptions:
     out: str | None = None
     examples: int = 0  # example predictions printed at the end
     checkpoint_every: int = 0  # also checkpoint every N batches (epoch ends always checkpoint)
+    class_weights: str | None = None  # --class-weights: "balanced" or "ham=1,spam=3"
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -99,6 +75,7 @@ def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOpti
         out=str(run_dir),
         examples=config.get("examples", 0),
         checkpoint_every=config.get("checkpoint_every", 0),
+        class_weights=config.get("class_weights"),
     )
 
 
@@ -134,41 +111,35 @@ def _load_checkpoint(path: Path) -> dict:
         raise LorafitError(f"{path}: checkpoint is unreadable ({str(e).splitlines()[0][:200]})") from None
 
 
-def _load_splits(
-    data: DataOptions, seed: int, log=print
-) -> tuple[TextDataset, list[int], list[int], list[int]]:
-    dataset = load_dataset(
-        data.source,
-        text_column=data.text_column,
-        label_column=data.label_column,
-        header=data.header,
-        encoding=data.encoding,
-        strict=data.strict,
-        log=log,
-    )
-    indices = (
-        balance_classes(dataset.labels, seed) if data.resolved_balance() else list(range(len(dataset.texts)))
-    )
-    if not data.shuffle:
-        indices = sorted(indices)
-    stratify = [dataset.labels[i] for i in indices] if data.stratify else None
-    train, val, test = split_indices(indices, data.split, seed, stratify=stratify, shuffle=data.shuffle)
-    if not train or not val:
-        raise LorafitError(
-            f"--data {data.source}: {len(indices)} rows leave an empty training or validation split with --split {data.split}"
-        )
-    return dataset, train, val, test
-
-
 def _context_length(spec: ModelSpec) -> int:
     return getattr(spec.config, "context_length", None) or spec.config.max_position_embeddings
 
 
-def _plot(run_dir: Path, history: list[dict], steps: list[dict]) -> None:
-    from .plots import plot_accuracy, plot_loss
+@dataclass
+class RunSetup:
+    """What a training run resolves before it reads any data: the model, settings, device, precision."""
 
-    plot_loss(history, steps, run_dir / "loss.png")
-    plot_accuracy(history, run_dir / "accuracy.png")
+    spec: ModelSpec
+    train: TrainConfig
+    pooling: str
+    device: torch.device
+    precision: str
+    data_seed: int
+    log: Callable[..., object]
+    main: bool  # this process writes the run directory (rank 0, or the only process)
+    report: dict = field(default_factory=dict)  # the parameter report, once the model is built
+
+
+@dataclass
+class RunData:
+    """The run's data, tokenized: label names, the three splits, and how they were made."""
+
+    names: list[str]
+    splits: dict[str, Split]
+    max_length: int
+    tokenizer: object
+    source: Splits
+    sha256: str  # over the texts and labels of each split, in order
 
 
 def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
@@ -176,174 +147,300 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
 
     With `resume`, `options.out` is an interrupted run: training continues from its `checkpoint.pt`
     (written at each epoch end and every `options.checkpoint_every` batches)."""
-    train_config = options.train
-    data_seed = options.data.seed if options.data.seed is not None else train_config.seed
+    setup = resolve_setup(options, log)
+    data = prepare_data(options, setup)
+    setup.train = replace(setup.train, class_weights=resolve_class_weights(options.class_weights, data))
+    model = build_model(options, setup, data)
+    run = RunDirectory.open(options, setup, data, resume)
+    try:
+        history = fit(
+            model, data.splits["train"], data.splits["val"], data.names, setup.train, pad_id=data.tokenizer.pad_id,
+            device=setup.device, precision=setup.precision, pad_to=None if setup.train.bucketing else data.max_length,
+            on_record=run.record, print_fn=None if setup.log is print else setup.log, checkpoint=run.checkpoint,
+            checkpoint_every=options.checkpoint_every, resume=run.resume_state,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if run.checkpoint_path.is_file():
+            setup.log(f"Interrupted; continue with: lorafit train --resume {run.directory}")
+        raise
+    finish_run(options, setup, data, model, run, history)
+    distributed.shutdown()
+    return run.directory
+
+
+def resolve_setup(options: RunOptions, log) -> RunSetup:
+    """Model spec (no weights loaded yet), the family's defaults, device (joining torchrun's group when
+    launched by it: one process per device) and precision."""
     spec = resolve_model(options.model, options.weights)
-    train_config = resolve_train_config(train_config, spec.family)
+    train_config = resolve_train_config(options.train, spec.family)
     validate_train_config(train_config)
-    pooling = options.pooling or default_pooling(spec.family)
-    if distributed.launched_by_torchrun():  # data-parallel: one process per device (see distributed.py)
+    if distributed.launched_by_torchrun():  # data-parallel: see distributed.py
         device = distributed.init(train_config.device)
         if not distributed.is_main():
             log = lambda *args: None  # noqa: E731  (only rank 0 prints and writes)
     else:
         device = resolve_device(train_config.device)
-    main = distributed.is_main()
+    seed = options.data.seed if options.data.seed is not None else train_config.seed
     precision = resolve_precision(train_config.precision, device)
+    pooling = options.pooling or default_pooling(spec.family)
+    return RunSetup(spec, train_config, pooling, device, precision, seed, log, distributed.is_main())
 
-    dataset, train_idx, val_idx, test_idx = _load_splits(options.data, data_seed, log)
-    names = label_names(dataset.labels)
-    class_of = {name: i for i, name in enumerate(names)}
-    log(
-        f"Data: {dataset.source}: {len(dataset.texts):,} rows"
-        + (f" ({dataset.skipped} skipped)" if dataset.skipped else "")
-        + f"; split {len(train_idx):,} / {len(val_idx):,} / {len(test_idx):,}"
-        + (" after balancing" if options.data.resolved_balance() else "")
-        + f" (seed {data_seed}); classes: {', '.join(names)}"
-    )
 
-    tokenizer = build_tokenizer(spec)
-    context = _context_length(spec)
-    train_texts = [dataset.texts[i] for i in train_idx]
+def prepare_data(options: RunOptions, setup: RunSetup) -> RunData:
+    """Read and split the data, choose the max length (the longest training text, capped at the model's
+    context), tokenize every split."""
+    source = load_splits(options.data, setup.data_seed, setup.log)
+    dataset = source.dataset
+    names = label_names(dataset.labels)  # split files: validation and test labels occur in training
+    setup.log(_data_line(options.data, source, names, setup.data_seed))
+    tokenizer = build_tokenizer(setup.spec)
+    context = _context_length(setup.spec)
     max_length = options.max_length
-    if max_length is None:  # the longest training example, capped at the model's context
-        full, _ = tokenizer.encode_batch(train_texts)
+    if max_length is None:
+        full, _ = tokenizer.encode_batch([dataset.texts[i] for i in source.train])
         max_length = min(context, max(len(r) for r in full))
     if not 1 <= max_length <= context:
         raise LorafitError(
             f"--max-length must be between 1 and the model's context {context}, got {max_length}"
         )
-
+    class_of = {name: i for i, name in enumerate(names)}
     splits, truncated = {}, 0
-    for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+    for name in ("train", "val", "test"):
+        idx = getattr(source, name)
         texts = [dataset.texts[i] for i in idx]
         rows, cut = tokenizer.encode_batch(texts, max_length)
         truncated += cut
         splits[name] = Split(rows, [class_of[dataset.labels[i]] for i in idx], texts)
-    log(f"Tokens: max length {max_length}" + (f"; {truncated} texts truncated to it" if truncated else ""))
-
-    model, before_head = build_classifier(
-        spec, len(names), pooling, options.lora, seed=train_config.seed, device=device
+    setup.log(
+        f"Tokens: max length {max_length}" + (f"; {truncated} texts truncated to it" if truncated else "")
     )
-    model.backbone.activation_checkpointing = train_config.activation_checkpointing
-    seed_everything(train_config.seed)
-    report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
-    log(format_parameter_report(report))
-    if precision == "bf16":
+    sha256 = _data_fingerprint(dataset, [source.train, source.val, source.test])
+    return RunData(names, splits, max_length, tokenizer, source, sha256)
+
+
+def _data_line(options: DataOptions, source: Splits, names: list[str], seed: int) -> str:
+    dataset = source.dataset
+    skipped = f" ({dataset.skipped} skipped)" if dataset.skipped else ""
+    sizes = f"{len(source.train):,} / {len(source.val):,} / {len(source.test):,}"
+    if options.split_files():
+        how = (
+            "validation: --val-data"
+            if options.val_source
+            else f"validation: {options.val_fraction or 0.1:g} of the training file, stratified (seed {seed})"
+        )
+        test = "test: --test-data" if options.test_source else "no test split (no --test-data)"
+        return f"Data: {dataset.source}: train / val / test {sizes}{skipped} ({how}; {test}); classes: {', '.join(names)}"
+    balanced = " after balancing" if options.resolved_balance() else ""
+    return (f"Data: {dataset.source}: {len(dataset.texts):,} rows{skipped}; split {sizes}{balanced} (seed {seed}); "
+            f"classes: {', '.join(names)}")  # fmt: skip
+
+
+def resolve_class_weights(spec: str | None, data: RunData) -> list[float] | None:
+    """`--class-weights balanced` (n / (classes x n_class) over the training rows, as scikit-learn's
+    "balanced") or `name=weight,...` (unnamed classes weigh 1) → one weight per class id."""
+    if spec is None:
+        return None
+    names, labels = data.names, data.splits["train"].labels
+    if spec == "balanced":
+        counts = np.bincount(labels, minlength=len(names))
+        return [len(labels) / (len(names) * c) if c else 0.0 for c in counts.tolist()]
+    weights = dict.fromkeys(names, 1.0)
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            what = f"no class {name!r}" if sep else f"expected balanced or NAME=WEIGHT,..., got {spec!r}"
+            raise LorafitError(f"--class-weights: {what} (classes: {', '.join(names)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise LorafitError(f"--class-weights: {name}={value!r} is not a number") from None
+        if not weights[name] > 0 or not math.isfinite(weights[name]):
+            raise LorafitError(
+                f"--class-weights: the weight of {name} must be a positive number, got {value}"
+            )
+    return [weights[name] for name in names]
+
+
+def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> SequenceClassifier:
+    """The classifier on its device, seeded; prints the parameter report and the device line."""
+    model, before_head = build_classifier(
+        setup.spec, len(data.names), setup.pooling, options.lora, seed=setup.train.seed, device=setup.device
+    )
+    model.backbone.activation_checkpointing = setup.train.activation_checkpointing
+    seed_everything(setup.train.seed)
+    setup.report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
+    setup.log(format_parameter_report(setup.report))
+    if setup.precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
-    batching = f"random, padded to {max_length} (--no-bucketing)"
-    if train_config.bucketing:
-        mixing = "classes mixed" if train_config.mix_classes else "length only"
-        layout = "packed into rows" if packs_batches(train_config) else "padded"
-        batching = f"length-bucketed, {mixing}, {layout}"
+    config = setup.train
+    batching = f"random, padded to {data.max_length} (--no-bucketing)"
+    if config.bucketing:
+        mixing = "classes mixed" if config.mix_classes else "length only"
+        batching = f"length-bucketed, {mixing}, {'packed into rows' if packs_batches(config) else 'padded'}"
     why = ""
-    if train_config.precision == "auto" and precision == "fp32" and device.type == "cpu":
+    if config.precision == "auto" and setup.precision == "fp32" and setup.device.type == "cpu":
         why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"
-    log(f"Device: {device} | precision: {precision}{why} | batches: {batching}")
+    weights = (
+        f" | class weights: {', '.join(f'{w:.3g}' for w in config.class_weights)}"
+        if config.class_weights
+        else ""
+    )
+    setup.log(f"Device: {setup.device} | precision: {setup.precision}{why} | batches: {batching}{weights}")
+    return model
 
-    run_dir = Path(distributed.broadcast(options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))))
-    data_sha256 = _data_fingerprint(dataset, [train_idx, val_idx, test_idx])
-    settings = {**asdict(options), "out": None, "data_sha256": data_sha256, "base_sha256": spec.sha256}
-    distributed.check_same_settings({**settings, "lorafit_version": __version__})
-    checkpoint_path = run_dir / CHECKPOINT
-    resume_state = None
-    if resume:
-        saved = read_run_config(run_dir)
-        if saved["data"].get("sha256") not in (None, data_sha256):
-            raise LorafitError(
-                f"--resume {run_dir}: the data ({dataset.source}) differs from the data this run started on"
-            )
-        if saved["model"].get("sha256") not in (None, spec.sha256):
-            raise LorafitError(
-                f"--resume {run_dir}: the base weights ({spec.weights_path or spec.weights}) differ from those "
-                f"this run started on (sha256 {saved['model']['sha256'][:12]}...)"
-            )
-        resume_state = _load_checkpoint(checkpoint_path)
-        log(f"Resuming {run_dir} at epoch {resume_state['epoch']}, batch {resume_state['batch']}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        "lorafit_version": __version__,
-        "model": spec.as_dict(),
-        "pooling": pooling,
-        "lora": asdict(options.lora) if options.lora else None,
-        "labels": names,
-        "max_length": max_length,
-        "train": asdict(train_config),
-        "precision": precision,
-        "data": {**asdict(options.data), "seed": data_seed, "description": dataset.source},
-        "parameters": report,
-        "examples": options.examples,
-        "checkpoint_every": options.checkpoint_every,
-    }
-    run_config["data"]["sha256"] = data_sha256
-    log_path = run_dir / "log.jsonl"
-    steps: list[dict] = []
-    if main and resume_state is None:
-        write_json_atomic(run_dir / "config.json", run_config)
-        write_json_atomic(run_dir / "labels.json", names)
-        log_path.write_text("")
-    elif main:  # drop what was logged after the checkpoint: those batches run again
-        with open(log_path, "r+b") as f:
-            f.truncate(resume_state["log_bytes"])
-        records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
-        steps = [r for r in records if r["type"] == "batch"]
 
-    def on_record(record: dict) -> None:
-        if not main:
+class RunDirectory:
+    """A run directory being trained: config.json and labels.json, log.jsonl (one record per logged batch
+    and per epoch), checkpoint.pt; on resume, the checkpoint to continue from. Only rank 0 writes."""
+
+    def __init__(self, directory: Path, main: bool):
+        self.directory, self.main = directory, main
+        self.checkpoint_path = directory / CHECKPOINT
+        self.log_path = directory / "log.jsonl"
+        self.steps: list[dict] = []  # the batch records, for the loss plot
+        self.resume_state: dict | None = None
+
+    @classmethod
+    def open(cls, options: RunOptions, setup: RunSetup, data: RunData, resume: bool) -> RunDirectory:
+        """Name the directory (rank 0 chooses), check that every rank has the same settings and data, and
+        start it, or (`resume`) check that it is the run that was started and load its checkpoint."""
+        name = options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        run = cls(Path(distributed.broadcast(name)), setup.main)
+        settings = {
+            **asdict(options),
+            "out": None,
+            "data_sha256": data.sha256,
+            "base_sha256": setup.spec.sha256,
+        }
+        distributed.check_same_settings({**settings, "lorafit_version": __version__})
+        if resume:
+            run._resume(setup, data)
+            return run
+        if run.main:
+            run.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run.directory / "config.json", run_config(options, setup, data))
+            write_json_atomic(run.directory / "labels.json", data.names)
+            run.log_path.write_text("")
+        return run
+
+    def _resume(self, setup: RunSetup, data: RunData) -> None:
+        saved = read_run_config(self.directory)
+        if saved["data"].get("sha256") not in (None, data.sha256):
+            raise LorafitError(f"--resume {self.directory}: the data ({data.source.dataset.source}) differs from "
+                               "the data this run started on")  # fmt: skip
+        check_files(saved["data"].get("files") or {}, f"the run {self.directory}")
+        if saved["model"].get("sha256") not in (None, setup.spec.sha256):
+            raise LorafitError(
+                f"--resume {self.directory}: the base weights ({setup.spec.weights_path or setup.spec.weights}) "
+                f"differ from those this run started on (sha256 {saved['model']['sha256'][:12]}...)"
+            )
+        self.resume_state = _load_checkpoint(self.checkpoint_path)
+        setup.log(
+            f"Resuming {self.directory} at epoch {self.resume_state['epoch']}, batch {self.resume_state['batch']}"
+        )
+        if self.main:  # drop what was logged after the checkpoint: those batches run again
+            with open(self.log_path, "r+b") as f:
+                f.truncate(self.resume_state["log_bytes"])
+            records = [
+                json.loads(line) for line in self.log_path.read_text(encoding="utf-8").splitlines() if line
+            ]
+            self.steps = [r for r in records if r["type"] == "batch"]
+
+    def record(self, record: dict) -> None:
+        """`fit`'s `on_record`: append one record to log.jsonl."""
+        if not self.main:
             return
         if record["type"] == "batch":
-            steps.append(record)
-        with open(log_path, "a", encoding="utf-8") as f:
+            self.steps.append(record)
+        with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def save_checkpoint(state: dict) -> None:
-        if not main:
+    def checkpoint(self, state: dict) -> None:
+        """`fit`'s `checkpoint`: write checkpoint.pt atomically, with how far log.jsonl had got."""
+        if not self.main:
             return
-        state["log_bytes"] = log_path.stat().st_size
-        with atomic_path(checkpoint_path) as tmp:
+        state["log_bytes"] = self.log_path.stat().st_size
+        with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
 
-    try:
-        history = fit(
-            model, splits["train"], splits["val"], names, train_config, pad_id=tokenizer.pad_id, device=device,
-            precision=precision, pad_to=None if train_config.bucketing else max_length, on_record=on_record,
-            print_fn=None if log is print else log,
-            checkpoint=save_checkpoint, checkpoint_every=options.checkpoint_every, resume=resume_state,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        if checkpoint_path.is_file():
-            log(f"Interrupted; continue with: lorafit train --resume {run_dir}")
-        raise
-    if main:
-        save_adapter(model, run_dir / "adapter.safetensors", metadata={"lorafit_version": __version__})
 
+def run_config(options: RunOptions, setup: RunSetup, data: RunData) -> dict:
+    """config.json: everything needed to rebuild the classifier, resume the run and re-check its data."""
+    return {
+        "lorafit_version": __version__,
+        "model": setup.spec.as_dict(),
+        "pooling": setup.pooling,
+        "lora": asdict(options.lora) if options.lora else None,
+        "labels": data.names,
+        "max_length": data.max_length,
+        "train": asdict(setup.train),
+        "precision": setup.precision,
+        "data": {
+            **asdict(options.data),
+            "seed": setup.data_seed,
+            "description": data.source.dataset.source,
+            "sha256": data.sha256,
+            "files": data.source.files,
+        },  # fmt: skip
+        "parameters": setup.report,
+        "examples": options.examples,
+        "checkpoint_every": options.checkpoint_every,
+        "class_weights": options.class_weights,
+    }
+
+
+def finish_run(
+    options: RunOptions, setup: RunSetup, data: RunData, model: SequenceClassifier, run: RunDirectory, history
+) -> None:
+    """Save the adapter, score every split, write metrics.json and the plots, print the summary."""
+    if run.main:
+        save_adapter(model, run.directory / "adapter.safetensors", metadata={"lorafit_version": __version__})
     metrics = {}
-    for name in ("train", "val", "test"):
-        split = splits[name]
-        metrics[name] = evaluate(
-            model, split.rows, split.labels, names, pad_id=tokenizer.pad_id,
-            batch_size=train_config.eval_batch_size, device=device, precision=precision, progress=True, desc=name,
-        )  # fmt: skip
+    for name, split in data.splits.items():
+        if split.rows:  # split files without --test-data have no test split
+            metrics[name] = evaluate(
+                model, split.rows, split.labels, data.names, pad_id=data.tokenizer.pad_id,
+                batch_size=setup.train.eval_batch_size, device=setup.device, precision=setup.precision,
+                progress=True, desc=name,
+            )  # fmt: skip
     metrics["epochs"] = history
-    if not main:
-        distributed.shutdown()
-        return run_dir
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    _plot(run_dir, history, steps)
-
-    log(f"Training accuracy: {metrics['train']['accuracy']:.2%}")
-    log(f"Validation accuracy: {metrics['val']['accuracy']:.2%}")
-    log(f"Test accuracy: {metrics['test']['accuracy']:.2%}")
+    if not run.main:
+        return
+    write_json_atomic(run.directory / "metrics.json", metrics)
+    _plot(run.directory, history, run.steps, metrics, data.names)
+    log = setup.log
+    for name, title in (("train", "Training"), ("val", "Validation"), ("test", "Test")):
+        log(
+            f"{title} accuracy: {metrics[name]['accuracy']:.2%}"
+            if name in metrics
+            else f"{title}: no test split"
+        )
+    shown = "test" if "test" in metrics else "val"
+    log(
+        f"\n{'Test' if shown == 'test' else 'Validation'} split, per class:\n{format_report(metrics[shown])}\n"
+    )
     if options.examples:
-        classifier = Classifier(model, tokenizer, names, max_length, device, precision)
-        texts = splits["test"].texts[: options.examples] or splits["val"].texts[: options.examples]
+        classifier = Classifier(
+            model, data.tokenizer, data.names, data.max_length, setup.device, setup.precision
+        )
+        texts = data.splits["test"].texts[: options.examples] or data.splits["val"].texts[: options.examples]
         for text, result in zip(texts, classifier.predict(texts)):
             log(f"  {result['label']:>6} {result['probabilities'][result['label']]:.3f}  {text[:70]}")
-    checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
-    log(f"Run saved to {run_dir}")
-    distributed.shutdown()
-    return run_dir
+    run.checkpoint_path.unlink(missing_ok=True)  # the run is complete: metrics.json marks it
+    log(f"Run saved to {run.directory}")
+
+
+def _plot(run_dir: Path, history: list[dict], steps: list[dict], metrics: dict, names: list[str]) -> None:
+    from .plots import plot_accuracy, plot_confusion, plot_loss
+
+    plot_loss(history, steps, run_dir / "loss.png")
+    plot_accuracy(history, run_dir / "accuracy.png")
+    split = "test" if "test" in metrics else "val"
+    title = (
+        f"{'Test' if split == 'test' else 'Validation'} confusion matrix ({metrics[split]['count']:,} texts)"
+    )
+    plot_confusion(metrics[split]["confusion_matrix"], names, run_dir / "confusion.png", title)
 
 
 def format_parameter_report(report: dict) -> str:
@@ -461,20 +558,21 @@ def evaluate_run(
         saved = config["data"]
         if saved is None:
             raise LorafitError(f"{run_dir}: this run was imported and records no data; pass --data FILE")
+        check_files(saved.get("files") or {}, f"the run {run_dir}")
         data = config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])})
-        dataset, *indices = _load_splits(data, saved["seed"], log)
-        parts = dict(zip(("train", "val", "test"), indices))
+        splits = load_splits(data, saved["seed"], log)
+        dataset = splits.dataset
+        parts = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
     else:
         dataset = load_dataset(
             data.source, text_column=data.text_column, label_column=data.label_column, header=data.header,
             encoding=data.encoding, strict=data.strict, log=log,
         )  # fmt: skip
         parts = {"data": list(range(len(dataset.texts)))}
-    unknown = sorted(set(dataset.labels) - class_of.keys())
-    if unknown:
-        raise LorafitError(
-            f"--data {data.source}: label {unknown[0]!r} was not among the run's labels ({', '.join(names)})"
-        )
+    for label, line in zip(dataset.labels, dataset.lines):
+        if label not in class_of:
+            raise LorafitError(f"{dataset.source}: line {line}: label {label!r} was not among the run's labels "
+                               f"({', '.join(names)})")  # fmt: skip
     results = {}
     for name, idx in parts.items():
         texts = [dataset.texts[i] for i in idx]

@@ -279,9 +279,12 @@ def parse_predict_request(body: bytes, max_client_batch: int) -> PredictRequest:
     """Validate a /predict body; anything wrong is a 422 naming the field."""
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        raise ApiError(422, "validation", f"the request body is not valid JSON ({reason})") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(422, "validation", f"the request body is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ApiError(422, "validation", "the request body is not UTF-8 text (JSON is expected)") from None
+    except RecursionError:
+        raise ApiError(422, "validation", "the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ApiError(
             422, "validation", f'the request body must be a JSON object with "inputs", got {_kind(data)}'
@@ -372,6 +375,9 @@ class Batcher:
         self.depth = 0  # texts waiting, over all runs
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-inference")
+        # One tokenizing thread: a Hugging Face tokenizer's truncation setting is state that concurrent
+        # calls would race on, and tokenizing stays off the event loop.
+        self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-tokenize")
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -386,6 +392,7 @@ class Batcher:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         self.executor.shutdown(wait=True)
+        self.tokenizer.shutdown(wait=True)
 
     def submit(self, name: str, rows: list[list[int]]) -> list[asyncio.Future]:
         """Queue a request's texts; 429 (nothing queued) when they do not fit."""
@@ -541,12 +548,19 @@ async def _read_body(request, limit: int) -> bytes:
                          f"{limit:,} bytes (--max-body-bytes)")  # fmt: skip
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(
+            499, "cancelled", "the client closed the connection before sending the whole body"
+        ) from None
     return b"".join(chunks)
 
 
@@ -576,8 +590,9 @@ async def _wait_for(request, futures: list[asyncio.Future], timeout: float):
     if results in done:
         return results.result()
     for future in futures:
-        future.cancel()
+        future.cancel()  # their texts are dropped when their batch is formed
     results.cancel()
+    results.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning in the log
     if watcher in done:
         raise ApiError(499, "cancelled", "the client closed the connection")
     raise ApiError(504, "timeout", f"the request waited more than {timeout:g} s (--timeout-s)")
@@ -639,7 +654,8 @@ class ServerState:
         parsed = parse_predict_request(
             await _read_body(request, limits.max_body_bytes), limits.max_client_batch
         )
-        rows = await asyncio.to_thread(run.encode, parsed.texts, parsed.truncate)
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate)
         queued = time.perf_counter()
         results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
         # A request's texts may span batches: its inference time is that of each distinct batch, once.
@@ -760,7 +776,9 @@ def _listen(host: str, port: int):
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+    # so, and with it on every keep-alive answer waited 40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -83,7 +83,11 @@ class GPT2Tokenizer:
         return self.encode_batch([text], max_length)[0][0]
 
     def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
-        batch = self.encoding.encode_ordinary_batch(list(texts), num_threads=2)
+        texts = list(texts)
+        if len(texts) < 64:  # tiktoken's batch call starts a thread pool each time: costlier than a few texts
+            batch = [self.encoding.encode_ordinary(text) for text in texts]
+        else:
+            batch = self.encoding.encode_ordinary_batch(texts, num_threads=2)
         if not max_length:
             return batch, 0
         return [ids[:max_length] for ids in batch], sum(len(ids) > max_length for ids in batch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -18,7 +17,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batching import collate, collate_packed, epoch_batches, sorted_batches
 from .config import TrainConfig
+from .devices import autocast
 from .errors import LorafitError
+from .metrics import metrics_from_logits
 
 
 def seed_everything(seed: int) -> None:
@@ -26,67 +27,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: CUDA when present, then Apple MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LorafitError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LorafitError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 where the hardware has fast bf16 matrix units, else fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise LorafitError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the matrix products; a no-op in fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store the frozen linear weights and the frozen token-embedding tables (GPT-2's `wte`, BERT's
-    `word_embeddings`: a third of GPT-2 small) in `dtype`. bf16 halves their memory and skips a cast per
-    step. Position embeddings, LayerNorms and every trainable parameter stay fp32; the models add the
-    token embeddings in the position table's dtype, so the residual stream stays fp32."""
-    for name, module in model.named_modules():
-        token_table = isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in (
-            "wte",
-            "word_embeddings",
-        )
-        if (isinstance(module, nn.Linear) or token_table) and not module.weight.requires_grad:
-            module.to(dtype)
 
 
 @torch.inference_mode()
@@ -100,42 +40,29 @@ def predict_logits(
     precision: str,
     progress: bool = False,
     desc: str = "predict",
+    packing: bool = True,
 ) -> torch.Tensor:
-    """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches."""
+    """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches of `batch_size`
+    texts, each packed into rows as wide as its longest text (`packing`, exactly what the padded batch
+    computes, with fewer tokens when lengths differ) or padded to it."""
     was_training = model.training
     model.eval()
     logits = torch.empty(len(rows), model.head.out_features)
     for batch in tqdm(
         sorted_batches([len(r) for r in rows], batch_size), desc=desc, leave=False, disable=not progress
     ):
-        input_ids, attention_mask = collate([rows[i] for i in batch], pad_id)
+        texts = [rows[i] for i in batch]
+        if packing and len(texts) > 1:
+            input_ids, positions, segments = collate_packed(texts, pad_id)
+            inputs = (input_ids.to(device), None, positions.to(device), segments.to(device))
+        else:
+            input_ids, attention_mask = collate(texts, pad_id)
+            inputs = (input_ids.to(device), attention_mask.to(device))
         with autocast(device, precision):
-            out = model(input_ids.to(device), attention_mask.to(device))
+            out = model(*inputs)
         logits[torch.as_tensor(batch)] = out.float().cpu()
     model.train(was_training)
     return logits
-
-
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, per-class precision / recall / F1 and the confusion matrix (rows: true, columns: predicted)."""
-    k = len(labels)
-    matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    per_class = {}
-    for i, name in enumerate(labels):
-        tp = int(matrix[i, i])
-        predicted, actual = int(matrix[:, i].sum()), int(matrix[i, :].sum())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    total = int(matrix.sum())
-    return {
-        "accuracy": float(np.trace(matrix)) / total if total else 0.0,
-        "count": total,
-        "per_class": per_class,
-        "confusion_matrix": matrix.tolist(),
-    }
 
 
 def evaluate(
@@ -162,14 +89,6 @@ def evaluate(
 
     logits = distributed.sharded_logits(compute, len(rows), model.head.out_features, device)
     return metrics_from_logits(logits, labels, label_names)
-
-
-def metrics_from_logits(logits: torch.Tensor, labels: Sequence[int], label_names: Sequence[str]) -> dict:
-    """`classification_metrics` of the argmax predictions, plus the mean cross-entropy `loss`."""
-    targets = torch.as_tensor(list(labels), dtype=torch.long)
-    metrics = classification_metrics(targets.tolist(), logits.argmax(-1).tolist(), label_names)
-    metrics["loss"] = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
-    return metrics
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: float):
@@ -215,6 +134,128 @@ def training_batches(train: Split, config: TrainConfig, epoch: int) -> list[np.n
     )  # fmt: skip
 
 
+class ExponentialAverage:
+    """An exponential moving average of the trainable tensors (`--ema DECAY`), updated after every optimiser
+    step and warmed up as TensorFlow's ExponentialMovingAverage: the decay is min(DECAY, (1 + n) / (10 + n))
+    at update n, so early on the average forgets faster instead of staying anchored at the initial weights.
+    (`torch.optim.swa_utils.AveragedModel` copies the whole model, frozen base included, and has no warm-up.)"""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay = params, decay
+        self.average = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's tensors with the average (twice: back as they were)."""
+        for p, a in zip(self.params, self.average):
+            scratch = p.detach().clone()
+            p.copy_(a)
+            a.copy_(scratch)
+
+
+class TrainState:
+    """Where training stands, as a checkpoint holds it: the next epoch and the batches of it done, that
+    epoch's running sums, the history, the best epoch so far, and (with `state_dict`) the trainable
+    tensors, optimiser, scheduler, RNG and moving average."""
+
+    def __init__(
+        self, named: list[tuple[str, nn.Parameter]], optimizer, scheduler, ema: ExponentialAverage | None
+    ):
+        self.named, self.optimizer, self.scheduler, self.ema = named, optimizer, scheduler, ema
+        self.history: list[dict] = []
+        self.best_loss, self.best_state = float("inf"), None
+        self.epoch = 1
+        self.start_epoch(self.epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
+        self.loss_sum, self.correct, self.seen, self.elapsed = 0.0, 0, 0, 0.0
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers and lists only: `torch.save`-able and loadable with `weights_only=True`."""
+        named_average = zip(self.named, self.ema.average) if self.ema else []
+        return {
+            "epoch": self.epoch, "batch": self.batch,
+            "trainable": {name: p.detach().clone() for name, p in self.named},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "history": self.history,
+            "best_loss": self.best_loss, "best_state": self.best_state,
+            "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "elapsed": self.elapsed,
+            "ema": {name: a.clone() for (name, _), a in named_average}, "ema_updates": self.ema.updates if self.ema else 0,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.named:
+                p.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
+        self.best_loss, self.best_state = state["best_loss"], state["best_state"]
+        if self.ema:
+            self.ema.average = [state["ema"][name] for name, _ in self.named]
+            self.ema.updates = state["ema_updates"]
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.loss_sum, self.correct, self.seen = state["loss_sum"], state["correct"], state["seen"]
+        self.elapsed = state["elapsed"]
+        if not distributed.is_main():  # the checkpoint holds the sums over all ranks; count them once
+            self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+
+def make_optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig, train_rows: int):
+    """AdamW (no weight decay on biases and LayerNorm weights, as GPT-2 and BERT were trained) and its
+    schedule over the run's optimiser steps."""
+    trainable = [p for _, p in named]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        foreach=True,  # one fused loop over the many small LoRA tensors (the default on CPU is a Python loop)
+    )
+    steps_per_epoch = math.ceil(math.ceil(train_rows / config.batch_size) / config.grad_accum)
+    scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)
+    return optimizer, scheduler
+
+
+def batch_inputs(train: Split, rows: list[int], config: TrainConfig, pad_id: int, pad_to, device) -> tuple:
+    """A batch's model inputs: packed rows `(ids, None, positions, segments)` or padded `(ids, mask)`."""
+    if packs_batches(config):
+        input_ids, positions, segments = collate_packed([train.rows[i] for i in rows], pad_id)
+        return input_ids.to(device), None, positions.to(device), segments.to(device)
+    input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def batch_loss(
+    logits: torch.Tensor, targets: torch.Tensor, config: TrainConfig, scale: float | None
+) -> float:
+    """Backpropagate this rank's share of a batch's loss; returns its summed loss.
+
+    The loss is the batch mean of cross-entropy, times weight[label] with `--class-weights`. In one process
+    (`scale` None) it is backpropagated over `grad_accum`; under torchrun a rank's summed loss x `scale`
+    (world / global batch size / grad_accum, see distributed.py) makes DDP's gradient average exactly the
+    gradient of the global batch's mean."""
+    if scale is None and config.class_weights is None:
+        loss = F.cross_entropy(logits.float(), targets)
+        (loss / config.grad_accum).backward()
+        return loss.item() * len(targets)
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    if config.class_weights is not None:
+        losses = losses * torch.tensor(config.class_weights, device=losses.device)[targets]
+    summed = losses.sum()
+    (summed * (scale if scale is not None else 1 / (len(targets) * config.grad_accum))).backward()
+    return summed.item()
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -232,213 +273,123 @@ def fit(
     checkpoint_every: int = 0,
     resume: dict | None = None,
 ) -> list[dict]:
-    """Train the trainable parameters of `model` on `train`, validating after each epoch.
+    """Train the trainable parameters of `model` on `train`, validating after each epoch; returns one dict
+    per epoch.
 
     Prints the lab's lines (`Epoch 1 | Batch 10 | Loss: 1.2277` every `log_every` batches, then the epoch
-    summary and the validation result) with `print_fn` (default: `tqdm.write`), hands each record to
-    `on_record`, and returns one dict per epoch.
-    With `keep_best`, the trainable weights of the epoch with the lowest validation loss are restored.
-
-    `checkpoint(state)` is called at each epoch end and, when `checkpoint_every` > 0, at the first optimiser
-    step after every `checkpoint_every` batches; `state` (tensors, numbers, lists: `torch.save`-able and
-    loadable with `weights_only=True`) passed back as `resume` continues training exactly where it was.
-    """
-    world = distributed.world_size()
-    if print_fn is None:
-        print_fn = tqdm.write  # above the progress bar, not through it
-    if not distributed.is_main():
-        print_fn = lambda line: None  # noqa: E731  (only rank 0 prints)
+    summary and the validation result) with `print_fn` (default: `tqdm.write`) and hands each record to
+    `on_record`. With `keep_best`, the weights of the epoch with the lowest validation loss are restored.
+    `checkpoint(state)` is called at each epoch end and, with `checkpoint_every` > 0, at the first optimiser
+    step after every `checkpoint_every` batches; that state passed back as `resume` continues exactly there."""
+    print_fn = _printer(print_fn)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named]
-    # No weight decay on biases and LayerNorm weights (as GPT-2 and BERT were trained).
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        foreach=True,  # one fused loop over the many small LoRA tensors (the default on CPU is a Python loop)
-    )
-    batches_per_epoch = math.ceil(len(train.rows) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)
-    history: list[dict] = []
-    best_loss, best_state = float("inf"), None
-    # The moving average of the trainable weights (`ema`), updated after every optimiser step; the model
-    # holds it while it is validated and after training, the raw weights while it trains.
-    average = [p.detach().clone() for p in trainable] if config.ema else None
-    updates = 0
-    # Where training stands: the next epoch, batches of it already done, and that epoch's running sums.
-    epoch, done, loss_sum, correct, seen, elapsed = 1, 0, 0.0, 0, 0, 0.0
-
-    # Under torchrun, DDP all-reduces the gradients of the trainable parameters (see distributed.py).
-    forward = model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def global_sums(*values: float) -> list[float]:
-        return distributed.all_reduce_sum(values, device)
-
+    optimizer, scheduler = make_optimizer(named, config, len(train.rows))
+    ema = ExponentialAverage([p for _, p in named], config.ema) if config.ema else None
+    state = TrainState(named, optimizer, scheduler, ema)
     if resume is not None:
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(resume["trainable"][name])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["torch_rng"])
-        history = list(resume["history"])
-        best_loss = resume["best_loss"]
-        best_state = resume["best_state"]
-        if average is not None:
-            average = [resume["ema"][name] for name, _ in named]
-            updates = resume["ema_updates"]
-        epoch, done = resume["epoch"], resume["batch"]
-        loss_sum, correct, seen, elapsed = (
-            resume["loss_sum"],
-            resume["correct"],
-            resume["seen"],
-            resume["elapsed"],
-        )
-        if not distributed.is_main():  # the checkpoint holds the sums over all ranks; count them once
-            loss_sum, correct, seen = 0.0, 0, 0
-
-    def state(epoch: int, batch: int, elapsed: float) -> dict:
-        return {
-            "epoch": epoch,
-            "batch": batch,
-            "trainable": {name: p.detach().clone() for name, p in named},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "history": history,
-            "best_loss": best_loss,
-            "best_state": best_state,
-            "loss_sum": loss_sum,
-            "correct": correct,
-            "seen": seen,
-            "elapsed": elapsed,
-            "ema": {name: a.clone() for (name, _), a in zip(named, average)} if average is not None else {},
-            "ema_updates": updates,
-        }
-
-    def swap_average() -> None:
-        """Exchange the model's trainable weights with the moving average (twice: back as they were)."""
-        with torch.no_grad():
-            for p, a in zip(trainable, average):
-                scratch = p.detach().clone()
-                p.copy_(a)
-                a.copy_(scratch)
-
-    while epoch <= config.epochs:
+        state.load_state_dict(resume)
+    forward = distributed.data_parallel(model, device)
+    while state.epoch <= config.epochs:
         model.train()
-        batches = training_batches(train, config, epoch)
-        start = time.perf_counter() - elapsed
-        since_checkpoint = 0
-        bar = tqdm(
-            total=len(batches), initial=done, desc=f"Epoch {epoch}/{config.epochs}", unit="batch", leave=False,
-            disable=not distributed.is_main(),
-        )  # fmt: skip
-        for index, batch in enumerate(batches[done:], start=done + 1):
-            rows = distributed.my_share(batch) if world > 1 else list(batch)
-            # A rank left without rows (a last batch smaller than the world) still joins the all-reduce.
-            weight = 1.0 if rows else 0.0
-            rows = rows or list(batch[:1])
+        batches = training_batches(train, config, state.epoch)
+        start, since_checkpoint = time.perf_counter() - state.elapsed, 0
+        bar = _progress(len(batches), state, config)
+        for index, batch in enumerate(batches[state.batch :], start=state.batch + 1):
+            rows, weight = distributed.my_rows(batch)
             targets = torch.as_tensor([train.labels[i] for i in rows], dtype=torch.long, device=device)
-            if packs_batches(config):
-                packed = collate_packed([train.rows[i] for i in rows], pad_id)
-                inputs = (packed[0].to(device), None, packed[1].to(device), packed[2].to(device))
-            else:
-                input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
-                inputs = (input_ids.to(device), attention_mask.to(device))
             with autocast(device, precision):
-                logits = forward(*inputs)
-            if world == 1:
-                loss = F.cross_entropy(logits.float(), targets)
-                (loss / config.grad_accum).backward()
-                batch_loss = loss.item()
-                batch_loss_sum = batch_loss * len(rows)
-            else:
-                summed = F.cross_entropy(logits.float(), targets, reduction="sum") * weight
-                (summed * world / len(batch) / config.grad_accum).backward()
-                batch_loss_sum = summed.item()
-                batch_loss = batch_loss_sum / len(rows)
+                logits = forward(*batch_inputs(train, rows, config, pad_id, pad_to, device))
+            scale = distributed.loss_scale(len(batch), config.grad_accum, weight)
+            loss_sum = batch_loss(logits, targets, config, scale) * weight
             stepped = index % config.grad_accum == 0 or index == len(batches)
             if stepped:
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if average is not None:
-                    # Warm-up as TensorFlow's ExponentialMovingAverage: early on the average forgets
-                    # faster, so it does not stay anchored at the initial weights.
-                    updates += 1
-                    decay = min(config.ema, (1 + updates) / (10 + updates))
-                    with torch.no_grad():
-                        torch._foreach_lerp_(average, [p.detach() for p in trainable], 1 - decay)
-            loss_sum += batch_loss_sum
-            correct += int((logits.argmax(-1) == targets).sum()) * int(weight)
-            seen += len(rows) * int(weight)
+                _optimizer_step(state, config)
+            state.loss_sum += loss_sum
+            state.correct += int((logits.argmax(-1) == targets).sum()) * int(weight)
+            state.seen += len(rows) * int(weight)
             bar.update(1)
-            bar.set_postfix(loss=f"{batch_loss:.4f}", acc=f"{correct / max(seen, 1):.2%}")
+            bar.set_postfix(
+                loss=f"{loss_sum / len(rows):.4f}", acc=f"{state.correct / max(state.seen, 1):.2%}"
+            )
             if index % config.log_every == 0:
-                if world > 1:  # the global batch's mean loss, as one process would log it
-                    batch_loss = global_sums(batch_loss_sum)[0] / len(batch)
-                print_fn(f"Epoch {epoch} | Batch {index} | Loss: {batch_loss:.4f}")
-                on_record({"type": "batch", "epoch": epoch, "batch": index, "loss": batch_loss})
+                batch_mean = distributed.global_sum(loss_sum, device) / len(batch)  # the global batch's
+                print_fn(f"Epoch {state.epoch} | Batch {index} | Loss: {batch_mean:.4f}")
+                on_record({"type": "batch", "epoch": state.epoch, "batch": index, "loss": batch_mean})
             since_checkpoint += 1
             if checkpoint and checkpoint_every and stepped and since_checkpoint >= checkpoint_every:
                 if index < len(batches):  # the epoch end checkpoints anyway, after validation
-                    if world > 1:  # the checkpoint holds the sums over all ranks, kept by rank 0
-                        loss_sum, correct, seen = global_sums(loss_sum, correct, seen)
-                        correct, seen = int(correct), int(seen)
-                        snapshot = state(epoch, index, time.perf_counter() - start)
-                        if not distributed.is_main():
-                            loss_sum, correct, seen = 0.0, 0, 0
-                        checkpoint(snapshot)
-                    else:
-                        checkpoint(state(epoch, index, time.perf_counter() - start))
+                    state.batch, state.elapsed = index, time.perf_counter() - start
+                    checkpoint(_global_snapshot(state, device))
                 since_checkpoint = 0
         bar.close()
-        if world > 1:
-            loss_sum, correct, seen = global_sums(loss_sum, correct, seen)
-        seconds = time.perf_counter() - start
-        train_loss, train_accuracy = loss_sum / seen, correct / seen
-        print_fn(
-            f"Epoch {epoch} Finished | Avg Loss: {train_loss:.4f} | Acc: {train_accuracy:.2%} | Time: {seconds:.2f}s"
-        )
-        if average is not None:
-            swap_average()  # validate (and keep) the average
-        result = evaluate(
-            model, val.rows, val.labels, label_names, pad_id=pad_id, batch_size=config.eval_batch_size,
-            device=device, precision=precision,
-        )  # fmt: skip
-        print_fn(f"Validation | Loss: {result['loss']:.4f} | Acc: {result['accuracy']:.2%}")
-        record = {
-            "epoch": epoch,
-            "seconds": seconds,
-            "batches": len(batches),
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "val_loss": result["loss"],
-            "val_accuracy": result["accuracy"],
-            "lr": scheduler.get_last_lr()[0],
-        }
-        history.append(record)
-        on_record({"type": "epoch", **record})
-        if config.keep_best and result["loss"] < best_loss:
-            best_loss = result["loss"]
-            best_state = {name: p.detach().clone() for name, p in named}
-        if average is not None and epoch < config.epochs:
-            swap_average()  # back to the raw weights to train on; after the last epoch the average stays
-        epoch, done, loss_sum, correct, seen, elapsed = epoch + 1, 0, 0.0, 0, 0, 0.0
+        _end_epoch(model, state, val, label_names, config, len(batches), time.perf_counter() - start,
+                   print_fn=print_fn, on_record=on_record, pad_id=pad_id, device=device, precision=precision)  # fmt: skip
         if checkpoint:
-            checkpoint(state(epoch, 0, 0.0))
-    if config.keep_best and best_state is not None and len(history) > 1:
-        best = min(history, key=lambda r: r["val_loss"])
+            checkpoint(state.state_dict())
+    _keep_best(state, config, print_fn)
+    return state.history
+
+
+def _printer(print_fn):
+    if not distributed.is_main():
+        return lambda line: None  # only rank 0 prints
+    return print_fn or tqdm.write  # above the progress bar, not through it
+
+
+def _progress(total: int, state: TrainState, config: TrainConfig):
+    return tqdm(total=total, initial=state.batch, desc=f"Epoch {state.epoch}/{config.epochs}", unit="batch",
+                leave=False, disable=not distributed.is_main())  # fmt: skip
+
+
+def _optimizer_step(state: TrainState, config: TrainConfig) -> None:
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in state.named], config.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema:
+        state.ema.update()
+
+
+def _global_snapshot(state: TrainState, device: torch.device) -> dict:
+    """A mid-epoch checkpoint's state: under torchrun rank 0 (which writes it) takes over the running sums
+    of all ranks, and the other ranks count on from zero."""
+    sums = distributed.sum_to_main((state.loss_sum, state.correct, state.seen), device)
+    state.loss_sum, state.correct, state.seen = sums[0], int(sums[1]), int(sums[2])
+    return state.state_dict()
+
+
+def _end_epoch(model, state: TrainState, val: Split, label_names, config: TrainConfig, n_batches: int,
+               seconds: float, *, print_fn, on_record, pad_id: int, device, precision: str) -> None:  # fmt: skip
+    """The epoch's summary line, validation (of the moving average, with `--ema`), its record, the best
+    epoch so far; then the next epoch's empty sums."""
+    loss_sum, correct, seen = distributed.all_reduce_sum((state.loss_sum, state.correct, state.seen), device)
+    train_loss, train_accuracy = loss_sum / seen, correct / seen
+    print_fn(
+        f"Epoch {state.epoch} Finished | Avg Loss: {train_loss:.4f} | Acc: {train_accuracy:.2%} | Time: {seconds:.2f}s"
+    )
+    if state.ema:
+        state.ema.swap()  # validate (and keep) the average
+    result = evaluate(model, val.rows, val.labels, label_names, pad_id=pad_id, batch_size=config.eval_batch_size,
+                      device=device, precision=precision)  # fmt: skip
+    print_fn(f"Validation | Loss: {result['loss']:.4f} | Acc: {result['accuracy']:.2%}")
+    record = {"epoch": state.epoch, "seconds": seconds, "batches": n_batches, "train_loss": train_loss,
+              "train_accuracy": train_accuracy, "val_loss": result["loss"], "val_accuracy": result["accuracy"],
+              "lr": state.scheduler.get_last_lr()[0]}  # fmt: skip
+    state.history.append(record)
+    on_record({"type": "epoch", **record})
+    if config.keep_best and result["loss"] < state.best_loss:
+        state.best_loss = result["loss"]
+        state.best_state = {name: p.detach().clone() for name, p in state.named}
+    if state.ema and state.epoch < config.epochs:
+        state.ema.swap()  # back to the raw weights to train on; after the last epoch the average stays
+    state.start_epoch(state.epoch + 1)
+
+
+def _keep_best(state: TrainState, config: TrainConfig, print_fn) -> None:
+    if config.keep_best and state.best_state is not None and len(state.history) > 1:
+        best = min(state.history, key=lambda r: r["val_loss"])
         with torch.no_grad():
-            for name, p in named:
-                p.copy_(best_state[name])
-        print_fn(f"Keeping epoch {best['epoch']} (lowest validation loss {best_loss:.4f})")
-    return history
+            for name, p in state.named:
+                p.copy_(state.best_state[name])
+        print_fn(f"Keeping epoch {best['epoch']} (lowest validation loss {state.best_loss:.4f})")

@@ -1,0 +1,72 @@
+"""Where and in what precision lorafit computes: device choice (CUDA, MPS, CPU), bf16 where the hardware
+multiplies it natively, autocast, and the frozen weights stored in bf16."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .errors import LorafitError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA when present, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LorafitError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorafitError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → bf16 where the hardware has fast bf16 matrix units, else fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise LorafitError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the matrix products; a no-op in fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen linear weights and the frozen token-embedding tables (GPT-2's `wte`, BERT's
+    `word_embeddings`: a third of GPT-2 small) in `dtype`. bf16 halves their memory and skips a cast per
+    step. Position embeddings, LayerNorms and every trainable parameter stay fp32; the models add the
+    token embeddings in the position table's dtype, so the residual stream stays fp32."""
+    for name, module in model.named_modules():
+        token_table = isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in (
+            "wte",
+            "word_embeddings",
+        )
+        if (isinstance(module, nn.Linear) or token_table) and not module.weight.requires_grad:
+            module.to(dtype)

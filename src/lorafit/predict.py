@@ -1,0 +1,154 @@
+"""Batch prediction from a data file: `lorafit predict --run DIR --file IN [--out OUT]`.
+
+The input is streamed in chunks (any file lorafit reads; no label column needed), so memory stays flat on
+a file of millions of rows. With `--out`, every input row is written back with its columns, then `label`
+and one `p_<label>` column per class, to a temporary file renamed into place at the end. Under `torchrun`
+each rank classifies every W-th chunk and rank 0 writes the file a single process writes, row for row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .data import _cell, read_text_chunks
+from .errors import LorafitError
+from .io import atomic_path
+
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"}
+
+
+def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
+                 header: bool | None = None, encoding: str = "utf-8", batch_size: int = 64,
+                 chunk_rows: int = 4096, as_json: bool = False) -> int:  # fmt: skip
+    """Classify every row of `path`; write them to `out` (or print one line per row when `out` is None).
+    Returns the number of rows."""
+    fmt = None
+    if out is not None:
+        fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise LorafitError(
+                f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv or .jsonl)"
+            )
+    columns, key, chunks = read_text_chunks(path, text_column=text_column, header=header, encoding=encoding,
+                                            chunk_rows=chunk_rows)  # fmt: skip
+    main = distributed.is_main()
+    bar = tqdm(
+        total=_count_lines(path) if main else 0, unit="row", desc="predict", disable=not main or out is None
+    )
+    labels = classifier.labels
+    rows = 0
+    with _output(out, main) as sink:
+        writer = _writer(sink, fmt, columns, labels) if sink is not None else None
+        for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
+            rows += len(chunk)
+            if not main:
+                continue
+            probabilities = torch.softmax(logits, dim=-1).tolist()
+            for (_, row), p in zip(chunk, probabilities):
+                best = max(range(len(p)), key=p.__getitem__)
+                if writer is not None:
+                    writer(row, labels[best], p)
+                else:
+                    _print_row(_cell(row, key), labels[best], dict(zip(labels, p)), as_json)
+            bar.update(chunk[-1][0] - bar.n)  # to the chunk's last line
+    bar.close()
+    return rows
+
+
+def _logits_in_order(classifier, chunks: Iterator[list], key, batch_size: int, classes: int, chunk_rows: int):
+    """(chunk, its logits) in file order. Under torchrun the chunks go round-robin to the ranks, each
+    classifies its own, and every rank receives all of them (all_gather, padded to `chunk_rows`)."""
+    world, me = distributed.world_size(), distributed.rank()
+    if world == 1:
+        for chunk in chunks:
+            yield chunk, classifier.logits([_cell(row, key) for _, row in chunk], batch_size)
+        return
+    done = False
+    while not done:
+        group = []
+        for _ in range(world):
+            chunk = next(chunks, None)
+            if chunk is None:
+                done = True
+                break
+            group.append(chunk)
+        mine = torch.zeros(chunk_rows, classes)
+        if me < len(group):
+            mine[: len(group[me])] = classifier.logits([_cell(row, key) for _, row in group[me]], batch_size)
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(gathered, mine)  # every rank takes part, with or without a chunk
+        for chunk, logits in zip(group, gathered):
+            yield chunk, logits[: len(chunk)]
+
+
+class _output:
+    """The output file (`out`, written atomically by rank 0), or None to print."""
+
+    def __init__(self, out: str | None, main: bool):
+        self.out, self.main, self.context, self.handle = out, main, None, None
+
+    def __enter__(self):
+        if self.out is None or not self.main:
+            return None
+        self.context = atomic_path(self.out)
+        tmp = self.context.__enter__()
+        self.handle = open(tmp, "w", encoding="utf-8", newline="")
+        return self.handle
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        return False
+
+
+def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[str]):
+    """A function writing one input row (cells or object) with its label and probabilities."""
+    added = ["label", *(f"p_{label}" for label in labels)]
+    if fmt == "jsonl":
+
+        def write_json(row, label, p):
+            values = row if isinstance(row, dict) else dict(zip(columns, row))
+            handle.write(
+                json.dumps({**values, "label": label, **{f"p_{k}": v for k, v in zip(labels, p)}}) + "\n"
+            )
+
+        return write_json
+    table = csv.writer(handle, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n",
+                       quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL, escapechar="\\")  # fmt: skip
+    table.writerow([*columns, *added])
+    width = len(columns)
+
+    def write_row(row, label, p):
+        cells = (
+            [_cell(row, c) for c in columns] if isinstance(row, dict) else (list(row) + [""] * width)[:width]
+        )
+        table.writerow([*cells, label, *(f"{x:.6f}" for x in p)])
+
+    return write_row
+
+
+def _print_row(text: str, label: str, probabilities: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"text": text, "label": label, "probabilities": probabilities}))
+    else:
+        print(f"{label}\t{probabilities[label]:.4f}\t{text}")
+
+
+def _count_lines(path: str) -> int:
+    """The file's line count, for the progress bar (a fast pass over the bytes)."""
+    count = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            count += block.count(b"\n")
+    return max(count, 1) if os.path.getsize(path) else 0

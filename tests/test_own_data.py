@@ -1,0 +1,303 @@
+"""A user's own data set: split files (train / dev / test), multi-class reporting, class weights, and batch
+prediction from a file to a file (streamed, atomic, and the same under torchrun). Tiny GPT-2, synthetic
+6-class data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run_main
+
+from lorafit import load_classifier
+from lorafit.cli import main
+
+CLASSES = {
+    "anger": ["furious", "rage", "hate", "angry", "mad"],
+    "fear": ["scared", "afraid", "terrified", "panic", "nervous"],
+    "joy": ["happy", "glad", "delighted", "great", "fun"],
+    "love": ["love", "adore", "darling", "sweet", "heart"],
+    "sadness": ["sad", "cry", "lonely", "miss", "tears"],
+    "surprise": ["wow", "shocked", "amazed", "unexpected", "sudden"],
+}
+FILLER = ["i", "feel", "so", "today", "really", "the", "very", "and", "it", "was"]
+
+
+def six_class_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    names = list(CLASSES)
+    rows = []
+    for i in range(n):
+        label = names[i % len(names)] if i % 7 else "joy"  # joy a little more frequent
+        words = [rng.choice(CLASSES[label]) for _ in range(2)] + rng.sample(FILLER, rng.randint(2, 6))
+        rng.shuffle(words)
+        rows.append((label, " ".join(words)))
+    return rows
+
+
+@pytest.fixture
+def files(tmp_path):
+    """train.tsv (header label<TAB>text), dev.csv (text,label,id), test.jsonl."""
+    train, dev, test = six_class_rows(180, 1), six_class_rows(36, 2), six_class_rows(42, 3)
+    lines = "".join(f"{label}\t{text}\n" for label, text in train)
+    (tmp_path / "train.tsv").write_text("label\ttext\n" + lines, encoding="utf-8")
+    with open(tmp_path / "dev.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label", "id"])
+        writer.writerows([text, label, i] for i, (label, text) in enumerate(dev))
+    objects = [json.dumps({"label": label, "text": text}) for label, text in test]
+    (tmp_path / "test.jsonl").write_text("\n".join(objects) + "\n")
+    return {"train": tmp_path / "train.tsv", "dev": tmp_path / "dev.csv", "test": tmp_path / "test.jsonl",
+            "sizes": (len(train), len(dev), len(test))}  # fmt: skip
+
+
+def train_args(tiny_gpt2_dir, out, *extra):
+    return ["train", "--model", str(tiny_gpt2_dir), "--epochs", "3", "--lr", "5e-3", "--lora-rank", "4",
+            "--precision", "fp32", "--examples", "0", "--out", str(out), *map(str, extra)]  # fmt: skip
+
+
+def test_split_files_are_the_splits_and_the_report_is_per_class(tiny_gpt2_dir, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    # Trained in full, so that the tiny random model learns the 6 classes (LoRA on frozen random weights
+    # barely does); the reporting is the same either way.
+    main(train_args(tiny_gpt2_dir, out, "--data", files["train"], "--val-data", files["dev"], "--test-data",
+                    files["test"], "--full-finetune", "--pooling", "mean"))  # fmt: skip
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["train"]["count"], metrics["val"]["count"], metrics["test"]["count"]) == files["sizes"]
+    assert "train / val / test 180 / 36 / 42" in printed
+    for split in ("train", "val", "test"):
+        m = metrics[split]
+        f1 = [c["f1"] for c in m["per_class"].values()]
+        support = [c["support"] for c in m["per_class"].values()]
+        assert m["macro_f1"] == pytest.approx(sum(f1) / 6)
+        assert m["weighted_f1"] == pytest.approx(sum(a * b for a, b in zip(f1, support)) / sum(support))
+    # The summary prints classification_report's layout for the test split: all six classes, then the means.
+    report = printed[printed.index("Test split, per class:") :]
+    header = report.splitlines()[1].split()
+    assert header == ["precision", "recall", "f1-score", "support"]
+    for name in (*CLASSES, "accuracy", "macro avg", "weighted avg"):
+        assert f"\n{name:>12} " in report, name
+    config = json.loads((out / "config.json").read_text())
+    recorded = config["data"]["files"]
+    assert set(recorded) == {"train", "val", "test"} and recorded["val"]["path"] == str(files["dev"])
+    assert all(len(r["sha256"]) == 64 for r in recorded.values())
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["test"]["accuracy"] >= 0.8  # it learned the 6 classes
+
+
+def test_report_matches_scikit_learn(tiny_gpt2_dir, files, tmp_path, capsys):
+    sklearn = pytest.importorskip("sklearn.metrics")
+    out = tmp_path / "run"
+    main(
+        train_args(
+            tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--test-data", files["test"]
+        )
+    )
+    capsys.readouterr()
+    classifier = load_classifier(out, device="cpu")
+    rows = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    predicted = [r["label"] for r in classifier.predict([r["text"] for r in rows])]
+    truth = [r["label"] for r in rows]
+    m = json.loads((out / "metrics.json").read_text())["test"]
+    kwargs = dict(labels=sorted(CLASSES), zero_division=0)
+    assert m["macro_f1"] == pytest.approx(
+        sklearn.f1_score(truth, predicted, average="macro", **kwargs), abs=1e-9
+    )
+    assert m["weighted_f1"] == pytest.approx(
+        sklearn.f1_score(truth, predicted, average="weighted", **kwargs), abs=1e-9
+    )
+    assert m["accuracy"] == pytest.approx(sklearn.accuracy_score(truth, predicted))
+
+
+def test_without_dev_a_stratified_fraction_validates_and_without_test_there_is_none(
+    tiny_gpt2_dir, files, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    main(train_args(tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--val-fraction", "0.2"))
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test" not in metrics and "Test: no test split" in printed
+    assert "no test split (no --test-data)" in printed and "Validation split, per class:" in printed
+    per_class = {}
+    for label, _ in six_class_rows(180, 1):
+        per_class[label] = per_class.get(label, 0) + 1
+    expected_val = sum(int(n * 0.2) for n in per_class.values())  # each class cut by the same rule
+    assert metrics["val"]["count"] == expected_val and metrics["train"]["count"] == 180 - expected_val
+    assert all(c["support"] >= 5 for c in metrics["val"]["per_class"].values())  # stratified: all 6 classes
+    assert (out / "confusion.png").is_file()  # of the validation split
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--val-data", "{dev}", "--split", "0.8,0.1,0.1"], "--split applies to one --data file"),
+        (["--test-data", "{test}", "--balance"], "--balance / --no-balance applies to one --data file"),
+        (["--test-data", "{test}", "--no-shuffle"], "--no-shuffle applies to one --data file"),
+        (
+            ["--val-data", "{dev}", "--val-fraction", "0.2"],
+            "--val-fraction and --val-data exclude each other",
+        ),
+        (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (["--test-data", "{bad}"], "bad.tsv: line 3: label 'boredom' does not occur in the training file"),
+        (["--class-weights", "joy=2,grumpy=1"], "--class-weights: no class 'grumpy' (classes: anger, fear"),
+        (["--class-weights", "joy=-1"], "--class-weights: the weight of joy must be a positive number"),
+        (["--class-weights", "heavy"], "--class-weights: expected balanced or NAME=WEIGHT"),
+    ],
+)
+def test_split_file_mistakes_are_one_line(tiny_gpt2_dir, files, tmp_path, capsys, extra, fragment):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("label\ttext\njoy\thappy day\nboredom\tnothing to do\n", encoding="utf-8")
+    extra = [x.format(dev=files["dev"], test=files["test"], bad=bad) for x in extra]
+    code, _, err = run_main(
+        train_args(tiny_gpt2_dir, tmp_path / "run", "--data", files["train"], *extra), capsys
+    )
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_data_files_that_changed(tiny_gpt2_dir, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(train_args(tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--val-data", files["dev"],
+                    "--test-data", files["test"]))  # fmt: skip
+    capsys.readouterr()
+    code, stdout, _ = run_main(["eval", "--run", out], capsys)
+    assert code == 0 and "test: accuracy" in stdout and "macro avg" in stdout
+    with open(files["dev"], "a", encoding="utf-8") as f:
+        f.write("one more,joy,99\n")
+    code, _, err = run_main(["eval", "--run", out], capsys)
+    assert code == 2 and "dev.csv: the file changed since the run" in err
+
+
+def test_class_weights_are_resolved_recorded_and_weigh_the_loss(tiny_gpt2_dir, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(train_args(tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--val-fraction", "0.2",
+                    "--class-weights", "balanced"))  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["class_weights"] == "balanced"
+    counts = json.loads((out / "metrics.json").read_text())["train"]["per_class"]
+    n = sum(c["support"] for c in counts.values())
+    expected = [n / (6 * counts[name]["support"]) for name in sorted(CLASSES)]
+    assert config["train"]["class_weights"] == pytest.approx(expected)
+    assert "class weights: " in capsys.readouterr().out
+
+    from lorafit.config import TrainConfig
+    from lorafit.train import batch_loss
+
+    logits = torch.randn(5, 3, requires_grad=True)
+    targets = torch.tensor([0, 2, 1, 2, 0])
+    weights = [1.0, 3.0, 0.5]
+    config = TrainConfig(class_weights=weights)
+    summed = batch_loss(logits, targets, config, None)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), targets, reduction="none")
+    manual = (ce * torch.tensor(weights)[targets]).mean()
+    assert summed / 5 == pytest.approx(manual.item(), rel=1e-6)
+    reference = logits.detach().clone().requires_grad_(True)
+    (
+        torch.nn.functional.cross_entropy(reference, targets, reduction="none")
+        * torch.tensor(weights)[targets]
+    ).mean().backward()
+    assert torch.allclose(logits.grad, reference.grad, atol=1e-7)
+
+
+@pytest.fixture
+def trained(tiny_gpt2_dir, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(
+        train_args(
+            tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--test-data", files["test"]
+        )
+    )
+    capsys.readouterr()
+    return out
+
+
+def write_inputs(path, n):
+    rows = six_class_rows(n, 7)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "comment", "source"])
+        for i, (_, text) in enumerate(rows):
+            writer.writerow([i, text if i % 5 else f'"{text}", with, commas', "web" if i % 2 else "app"])
+    return path
+
+
+def test_predict_a_file_to_a_file_keeps_columns_and_order(trained, tmp_path, capsys):
+    source = write_inputs(tmp_path / "in.csv", 300)
+    out = tmp_path / "predictions.csv"
+    code, _, err = run_main(["predict", "--run", trained, "--file", source, "--text-column", "comment",
+                             "--out", out], capsys)  # fmt: skip
+    assert code == 0 and "Wrote 300 rows" in err
+    with open(out, newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    with open(source, newline="", encoding="utf-8") as f:
+        given = list(csv.DictReader(f))
+    assert list(written[0]) == ["id", "comment", "source", "label", *(f"p_{c}" for c in sorted(CLASSES))]
+    assert [{k: r[k] for k in ("id", "comment", "source")} for r in written] == given
+    expected = load_classifier(trained, device="cpu").predict([r["comment"] for r in given])
+    for row, want in zip(written, expected):
+        assert row["label"] == want["label"]
+        for name, p in want["probabilities"].items():
+            assert abs(float(row[f"p_{name}"]) - p) <= 1e-6
+    # Chunk boundaries and the output format change nothing but the layout.
+    from lorafit.predict import predict_file
+
+    classifier = load_classifier(trained, device="cpu")
+    jsonl = tmp_path / "predictions.jsonl"
+    assert predict_file(classifier, str(source), str(jsonl), text_column="comment", chunk_rows=7) == 300
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [x["label"] for x in lines] == [r["label"] for r in written]
+    assert lines[0]["id"] == "0" and abs(lines[0]["p_joy"] - float(written[0]["p_joy"])) <= 1e-6
+
+
+def test_predict_to_a_file_is_atomic_and_names_bad_rows(trained, tmp_path, capsys):
+    source = tmp_path / "in.tsv"
+    good = "".join(f"text number {i}\n" for i in range(50))
+    source.write_bytes(good.encode() + b"caf\xe9 au lait\n" + b"more text\n")
+    out = tmp_path / "out.csv"
+    out.write_text("the previous predictions\n")
+    from lorafit.predict import predict_file
+
+    classifier = load_classifier(trained, device="cpu")
+    with pytest.raises(Exception, match=r"in.tsv: line 51: not valid utf-8 text"):
+        predict_file(classifier, str(source), str(out), chunk_rows=8)
+    assert out.read_text() == "the previous predictions\n"  # untouched: nothing half-written
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.csv")] == []
+    code, _, err = run_main(
+        ["predict", "--run", trained, "--file", source, "--out", tmp_path / "x.xlsx"], capsys
+    )
+    assert code == 2 and "unsupported file type '.xlsx'" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_predict_under_torchrun_writes_the_single_process_file(trained, tmp_path):
+    source = write_inputs(tmp_path / "in.csv", 230)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFIT_DIST_TIMEOUT": "120"}
+    # --run-dir, the spelling torchrun's parser leaves alone (it reads --run as its --run-path)
+    argv = ["predict", "--run-dir", str(trained), "--file", str(source), "--text-column", "comment",
+            "--batch-size", "16", "--chunk-rows", "50"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "lorafit", *argv, "--out", str(tmp_path / "one.csv")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lorafit", *argv,
+         "--out", str(tmp_path / "two.csv")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
+    assert two.stderr.count("Wrote 230 rows") == 1  # rank 0 writes and reports
