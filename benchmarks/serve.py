@@ -121,34 +121,35 @@ def percentile(values: list[float], q: float) -> float:
 async def closed_loop(
     url: str, bodies: list[dict], concurrency: int, duration: float, max_requests: int
 ) -> dict:
-    """`concurrency` clients, each sending its next request as soon as its previous one is answered."""
+    """`concurrency` clients, each with its own connection, each sending its next request as soon as its
+    previous one is answered. (One shared httpx pool of 128 connections spends more CPU on its own
+    bookkeeping than the server on a request: independent clients measure the server.)"""
     import httpx
 
     latencies, errors, texts, sent = [], 0, 0, 0
     deadline = time.perf_counter() + duration
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
+    async def client(worker: int) -> None:
         nonlocal errors, texts, sent
         k = worker
-        while time.perf_counter() < deadline and sent < max_requests:
-            sent += 1
-            body = bodies[k % len(bodies)]
-            k += concurrency
-            start = time.perf_counter()
-            try:
-                answer = await http.post(url, json=body, timeout=60)
-                ok = answer.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            latencies.append(time.perf_counter() - start)
-            errors += not ok
-            texts += len(body["inputs"]) if isinstance(body["inputs"], list) else 1
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                body = bodies[k % len(bodies)]
+                k += concurrency
+                start = time.perf_counter()
+                try:
+                    answer = await http.post(url, json=body, timeout=60)
+                    ok = answer.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - start)
+                errors += not ok
+                texts += len(body["inputs"]) if isinstance(body["inputs"], list) else 1
 
-    async with httpx.AsyncClient(limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    seconds = time.perf_counter() - start
     ms = [x * 1000 for x in latencies]
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": seconds,
             "requests_per_s": len(latencies) / seconds, "texts_per_s": texts / seconds,
@@ -340,33 +341,6 @@ def train_gpt2_run(data: str, out: Path) -> str:
     return str(train_run(options, log=lambda *a, **k: None))
 
 
-def hf_pipeline_app(export_dir: str, precision: str):
-    """A FastAPI endpoint as a user would write it around a Hugging Face pipeline (for the peer row)."""
-    import torch
-    from fastapi import FastAPI
-    from pydantic import BaseModel
-    from transformers import pipeline
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    classify = pipeline(
-        "text-classification", model=export_dir, tokenizer=export_dir, dtype=dtype, top_k=None
-    )
-    app = FastAPI()
-
-    class Body(BaseModel):
-        inputs: str | list[str]
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    @app.post("/predict")
-    def predict(body: Body):
-        return classify(body.inputs, truncation=True)
-
-    return app
-
-
 def hf_server(run_dir: str, scratch: Path, precision: str) -> Server | None:
     try:
         import transformers  # noqa: F401
@@ -376,14 +350,9 @@ def hf_server(run_dir: str, scratch: Path, precision: str) -> Server | None:
     export = scratch / "hf-export"
     subprocess.run([sys.executable, "-m", "lorafit", "export", "--run", run_dir, "--format", "merged",
                     "--out", str(export)], check=True, capture_output=True)  # fmt: skip
-    argv = [sys.executable, __file__, "--peer", str(export), "--precision", precision]
+    argv = [sys.executable, str(ROOT / "benchmarks" / "hf_pipeline_server.py"), "--model", str(export),
+            "--precision", precision]  # fmt: skip
     return Server(argv, "HF pipeline + FastAPI")
-
-
-def serve_peer(export_dir: str, precision: str, port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(hf_pipeline_app(export_dir, precision), host="127.0.0.1", port=port, log_level="warning")
 
 
 def machine() -> dict:
@@ -471,14 +440,7 @@ def main() -> None:
     )
     parser.add_argument("--skip", default="", help="parts to skip: load,faults,memory")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
-    parser.add_argument(
-        "--peer", default=None, help=argparse.SUPPRESS
-    )  # internal: run the HF pipeline server
-    parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.peer:
-        return serve_peer(args.peer, args.precision, args.port)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     skip = set(args.skip.split(","))
     messages = sms_messages(args.data)
@@ -507,7 +469,12 @@ def run_load(args, messages: list[str], results: dict) -> None:
                 lambda: lorafit_server({"spam": args.run}, "--max-batch-size", "1", name="naive"))]  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="lorafit-serve-bench-"))
     if args.hf_run:
-        systems.append(("HF pipeline + FastAPI", lambda: hf_server(args.hf_run, scratch, "bf16")))
+        import torch
+
+        from lorafit.devices import resolve_precision
+
+        precision = resolve_precision("auto", torch.device("cpu"))  # what lorafit serve uses here
+        systems.append(("HF pipeline + FastAPI", lambda: hf_server(args.hf_run, scratch, precision)))
     for name, start in systems:
         server = start()
         if server is None:

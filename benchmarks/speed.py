@@ -25,10 +25,17 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
 
 Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 32).
 
+  lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
+                      (no warm-up: every new batch shape pays its setup, as in a real run).
+  hf-peft-bf16        hf-peft-dynamic with its forward passes under bf16 autocast (the peer on the same
+                      hardware feature lorafit uses).
+
 Measured per system: training seconds per batch over `--batches` batches after 2 warm-up batches, extrapolated
-to one epoch (an EXTRAPOLATION, not a measured epoch), training messages/s and real (unpadded) tokens/s,
-inference messages/s over the 300 test messages, and the peak RSS of the process. Each system runs in its own
-subprocess (this script with `--system NAME`), so the peak RSS is per system.
+to one epoch (an EXTRAPOLATION, except lorafit-epoch's measured epoch), training messages/s and real
+(unpadded) tokens/s, inference messages/s over the 300 test messages, the peak RSS of the process, and each
+as a fraction of the machine's peak: training counts 4·N·T FLOP, inference 2·N·T (N = 85 M block-linear
+weights, T real tokens), divided by the 1024² matmul rate (fp32 or bf16, as the row ran) measured at start.
+Each system runs in its own subprocess (this script with `--system NAME`), so the peak RSS is per system.
 
 Timings on a shared 2-core VM drift a lot over minutes, so the parent runs the systems round-robin
 (reference, lorafit, ..., reference, lorafit, ...) for `--repeats` rounds and reports medians.
@@ -192,14 +199,23 @@ def run_reference(job: dict) -> dict:
         "trainable_parameters": trainable_parameters(model),
         "inference_seconds": inference_seconds,
         "inference_messages": len(test_dataset),
+        "inference_real_tokens": sum(len(r) for r in job["test"]["rows"]),
         "inference_accuracy_random_weights": accuracy,
     }
 
 
 def run_lorafit(
-    job: dict, bucketing: bool, precision: str, activation_checkpointing: bool = False, packing: bool = True
+    job: dict,
+    bucketing: bool,
+    precision: str,
+    activation_checkpointing: bool = False,
+    packing: bool = True,
+    full_epoch: bool = False,
 ) -> dict:
-    """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`."""
+    """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
+
+    With `full_epoch`, one whole epoch over every training row from a fresh model instead (no warm-up:
+    the first batch of each shape pays its setup, as in a real run): a measured epoch, not extrapolated."""
     import dataclasses
 
     import torch
@@ -207,8 +223,8 @@ def run_lorafit(
     from lorafit.batching import collate_packed
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.lora import merge_lora
     from lorafit.devices import cast_frozen_weights, resolve_precision
+    from lorafit.lora import merge_lora
     from lorafit.train import Split, fit, packs_batches, predict_logits, training_batches
 
     device = torch.device("cpu")
@@ -248,8 +264,11 @@ def run_lorafit(
         )  # fmt: skip
         return history[0]["seconds"]
 
-    run(split(job["warm_idx"]))
-    timed = split(job["timed_idx"])
+    if full_epoch:
+        timed = split(list(range(len(rows))))
+    else:
+        run(split(job["warm_idx"]))
+        timed = split(job["timed_idx"])
     seconds = run(timed)
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
@@ -274,11 +293,14 @@ def run_lorafit(
         "trainable_parameters": trainable_parameters(model),
         "inference_seconds": inference_seconds,
         "inference_messages": len(test_rows),
+        "inference_real_tokens": sum(len(r) for r in test_rows),
+        "measured_epoch_seconds": seconds if full_epoch else None,
     }
 
 
-def run_hf(job: dict, dynamic: bool) -> dict:
-    """transformers GPT2ForSequenceClassification + PEFT LoRA (c_attn, c_proj, c_fc), fp32."""
+def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
+    """transformers GPT2ForSequenceClassification + PEFT LoRA (c_attn, c_proj, c_fc), fp32, or with `bf16`
+    its forward passes under bf16 autocast (the hardware feature lorafit uses, for a fair peer)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config, GPT2ForSequenceClassification
@@ -319,10 +341,14 @@ def run_hf(job: dict, dynamic: bool) -> dict:
         order = epoch_batches(lengths, BATCH_SIZE, seed=DATA_SEED, epoch=1, bucketing=False)
         return [[indices[j] for j in batch] for batch in order]
 
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
     def step(batch: list[int]) -> tuple[int, int]:
         input_ids, attention_mask = collate([rows[i] for i in batch], PAD_ID, pad_to)
         targets = torch.as_tensor([labels[i] for i in batch], dtype=torch.long)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=targets).loss
+        with amp():
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=targets).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -346,7 +372,7 @@ def run_hf(job: dict, dynamic: bool) -> dict:
     if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches of 32
         merged = model.merge_and_unload()
         merged.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), amp():
             for batch in sorted_batches([len(r) for r in test_rows], INFERENCE_BATCH):
                 input_ids, attention_mask = collate([test_rows[i] for i in batch], PAD_ID)
                 merged(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
@@ -360,11 +386,12 @@ def run_hf(job: dict, dynamic: bool) -> dict:
     inference_seconds = time.perf_counter() - start
     return {
         **result,
-        "precision": "fp32",
+        "precision": "bf16" if bf16 else "fp32",
         "pad_to": pad_to,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "inference_seconds": inference_seconds,
         "inference_messages": len(test_rows),
+        "inference_real_tokens": sum(len(r) for r in test_rows),
     }
 
 
@@ -383,6 +410,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
         "label": "lorafit defaults (class-mixed buckets, packed, {precision})",
+    },
+    "lorafit-epoch": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
+        "label": "lorafit defaults, one MEASURED epoch of every training row ({precision})",
     },
     "lorafit-no-packing": {
         "needs": [],
@@ -403,6 +435,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": ["transformers", "peft"],
         "run": lambda job: run_hf(job, dynamic=True),
         "label": "HF transformers + PEFT, per-batch padding, fp32",
+    },
+    "hf-peft-bf16": {
+        "needs": ["transformers", "peft"],
+        "run": lambda job: run_hf(job, dynamic=True, bf16=True),
+        "label": "HF transformers + PEFT, per-batch padding, bf16 autocast",
     },
 }
 
@@ -495,6 +532,7 @@ def run_child(system: str, job_path: Path, result_path: Path, threads: int) -> d
 
 
 MEDIAN_KEYS = (
+    "inference_real_tokens",
     "s_per_batch",
     "messages_per_s",
     "tokens_per_s",
@@ -505,21 +543,51 @@ MEDIAN_KEYS = (
 )
 
 
+def matmul_peak(threads: int) -> dict[str, float]:
+    """GFLOP/s of a 1024 x 1024 matrix product in fp32 and in bf16 with `threads` threads: the machine's
+    practical peak that the table's fractions divide by."""
+    import torch
+
+    torch.set_num_threads(threads)
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps, start = 10, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        peak[name] = 2 * 1024**3 * reps / (time.perf_counter() - start) / 1e9
+    return peak
+
+
+def frozen_linear_parameters(shape: dict) -> int:
+    """N: the block linears' weights (4 d^2 attention + 8 d^2 MLP per block), the products a token costs."""
+    return shape["n_layer"] * 12 * shape["d_model"] ** 2
+
+
 def summarise(runs: list[dict], epoch_batches: int) -> dict:
     summary = {key: statistics.median(run[key] for run in runs) for key in MEDIAN_KEYS}
+    measured = [run["measured_epoch_seconds"] for run in runs if run.get("measured_epoch_seconds")]
+    summary["measured_epoch_seconds"] = statistics.median(measured) if measured else None
     summary["s_per_epoch_extrapolated"] = summary["s_per_batch"] * epoch_batches
     summary["padding_fraction"] = 1 - summary["real_tokens"] / summary["padded_tokens"]
     summary["precision"] = runs[0]["precision"]
+    summary["inference_messages"] = runs[0]["inference_messages"]
     summary["trainable_parameters"] = runs[0]["trainable_parameters"]
     return summary
 
 
-def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_batches: int) -> str:
+def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_batches: int, shape: dict,
+                   peak: dict[str, float]) -> str:  # fmt: skip
+    """The table; training counts 4·N·T FLOP (forward, and backward for the activations only: the frozen
+    weights get no gradient), inference 2·N·T, T the real tokens, divided by the peak of the row's precision."""
     reference = summaries.get("reference")
+    n = frozen_linear_parameters(shape)
     lines = [
-        f"| system | s/epoch (extrapolated, {epoch_batches} batches) | messages/s | real tokens/s | peak RSS "
-        "| inference messages/s | training speed-up vs reference | inference speed-up vs reference |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| system | s/epoch ({epoch_batches} batches) | messages/s | real tokens/s | train % of peak | peak RSS "
+        "| inference messages/s | inference % of peak | training × reference | inference × reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in summaries.items():
         if reference:
@@ -527,9 +595,16 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
             infer_ratio = f"{s['inference_messages_per_s'] / reference['inference_messages_per_s']:.2f}x"
         else:
             train_ratio = infer_ratio = "n/a"
+        top = peak[s["precision"]] * 1e9
+        train_peak = 4 * n * s["tokens_per_s"] / top
+        infer_peak = (
+            2 * n * s["inference_messages_per_s"] * s["inference_real_tokens"] / s["inference_messages"] / top
+        )
+        epoch = (f"**{s['measured_epoch_seconds']:,.1f} measured**" if s.get("measured_epoch_seconds")
+                 else f"{s['s_per_epoch_extrapolated']:,.1f} (extrapolated)")  # fmt: skip
         lines.append(
-            f"| {labels[name]} | {s['s_per_epoch_extrapolated']:,.1f} | {s['messages_per_s']:.2f} "
-            f"| {s['tokens_per_s']:,.0f} | {s['peak_rss_mib']:,.0f} MiB | {s['inference_messages_per_s']:.1f} "
+            f"| {labels[name]} | {epoch} | {s['messages_per_s']:.2f} | {s['tokens_per_s']:,.0f} | {train_peak:.0%} "
+            f"| {s['peak_rss_mib']:,.0f} MiB | {s['inference_messages_per_s']:.1f} | {infer_peak:.0%} "
             f"| {train_ratio} | {infer_ratio} |"
         )
     return "\n".join(lines)
@@ -570,9 +645,11 @@ def parent_main(args: argparse.Namespace) -> None:
         + (" (SMOKE: numbers are meaningless)" if args.smoke else " (124M)")
         + f"; LoRA r{RANK} alpha {ALPHA}; batch {BATCH_SIZE}; lr {LR:g}"
     )
+    peak = matmul_peak(args.threads)
     print(
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads, fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'}"
+        f"{args.threads} threads, fast bf16 (AVX-512 BF16 / AMX): {'yes' if cpu_has_fast_bf16() else 'no'}; "
+        f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16"
     )
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -638,12 +715,12 @@ def parent_main(args: argparse.Namespace) -> None:
     if "reference" in systems and "reference" not in summaries:
         notes.append("reference: every run failed, so there are no ratios")
     print()
-    print(markdown_table(summaries, labels, epoch_batches))
+    print(markdown_table(summaries, labels, epoch_batches, shape, peak))
     print()
     print(
-        f"s/epoch is EXTRAPOLATED: median seconds per batch over {args.batches} timed batches (after "
-        f"{WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); the lab's "
-        "drop_last loader runs one fewer); not a measured epoch. Medians over "
+        f"s/epoch is EXTRAPOLATED (but for the row that says measured): median seconds per batch over {args.batches} "
+        f"timed batches (after {WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); "
+        "the lab's drop_last loader runs one fewer). Medians over "
         f"{max((len(r) for r in runs.values()), default=0)} round(s), systems run round-robin, each in its own process. tokens/s counts real "
         "(unpadded) tokens; inference is over the test messages."
     )
@@ -677,6 +754,7 @@ def parent_main(args: argparse.Namespace) -> None:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "fast_bf16": cpu_has_fast_bf16(),
+            "matmul_peak_gflops": peak,
         },
         "systems": {
             name: {"label": labels[name], "median": summaries[name], "runs": runs[name]} for name in summaries

@@ -308,6 +308,31 @@ def test_the_batcher_drops_cancelled_texts_and_keeps_going():
     assert [float(r[0][0]) for r in first] == [1.0, 3.0] and float(after[0][0]) == 7.0
 
 
+def test_the_batcher_waits_only_while_a_request_is_on_its_way():
+    seen = []
+
+    class Run:
+        def logits(self, rows):
+            seen.append([r[0] for r in rows])
+            return torch.zeros(len(rows), 2)
+
+    async def scenario():
+        # --max-wait-ms 10 s: a batch that waited for it could not finish within the 3 s allowed below.
+        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=10_000), Metrics())
+        batcher.start()
+        await asyncio.wait_for(batcher.submit("r", [[1]])[0], 3)  # nothing else on its way: at once
+        with batcher.arrival():  # another request is being read: the next batch waits for it
+            first = batcher.submit("r", [[2]])[0]
+            await asyncio.sleep(0.2)
+            assert not first.done()
+            second = batcher.submit("r", [[3]])[0]
+        await asyncio.wait_for(asyncio.gather(first, second), 3)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert seen == [[1], [2, 3]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -338,28 +363,36 @@ def test_a_real_server_finishes_requests_in_flight_on_sigterm(runs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "lorafit", "serve", "--run", f"spam={runs['a']}", "--port", str(port),
-         "--precision", "fp32", "--max-wait-ms", "1500"],
+         "--precision", "fp32", "--max-wait-ms", "1500", "--timeout-s", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
+    stalled = socket.socket()
     try:
         line = process.stdout.readline()
         assert "lorafit serve: spam (" in line and f"ready at http://127.0.0.1:{port}" in line, line
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        # A client still sending its body is a request on its way: the batch waits for it (up to
+        # --max-wait-ms 1.5 s), so the two requests below are in flight when SIGTERM arrives.
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: 100\r\n\r\n{\"inputs\": ")  # fmt: skip
+        time.sleep(0.2)
         with ThreadPoolExecutor(3) as pool:
-            # These wait 1.5 s for their batch to fill: SIGTERM arrives while they are in flight.
             pending = [
                 pool.submit(httpx.post, f"{url}/predict", json={"inputs": t}, timeout=20) for t in (SPAM, HAM)
             ]
             time.sleep(0.5)
+            assert not any(p.done() for p in pending)
             process.send_signal(signal.SIGTERM)
             answers = [p.result() for p in pending]
         assert [a.status_code for a in answers] == [200, 200]
         assert answers[0].json()[0]["label"] in ("ham", "spam")
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=30) == 0  # after at most --timeout-s for the stalled client
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health")
     finally:
+        stalled.close()
         if process.poll() is None:
             process.kill()
         process.stdout.close()

@@ -1,6 +1,6 @@
 """lorafit: fine-tune a pretrained transformer with LoRA into a text classifier."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import BertConfig, GPT2Config, LoRAConfig, TrainConfig  # noqa: E402
 from .lora import LoRALinear, apply_lora, count_parameters, merge_lora, unmerge_lora  # noqa: E402

@@ -79,16 +79,18 @@ def collate(
 
 
 def collate_packed(
-    rows: Sequence[Sequence[int]], pad_id: int
+    rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack `rows` end to end into as few rows as hold them, each as wide as the longest of `rows` (first
     fit, longest first), so a batch costs its real tokens plus a little padding in its last packed rows.
+    `multiple` rounds the width up to a multiple of it: fewer distinct shapes for the kernels and the
+    allocator to see, at the price of a little padding (inference uses it).
 
     Returns `(input_ids, positions, segments)`, all packed rows × width: `positions` restart at 0 for
     each row of `rows`; `segments` says which of `rows` each token belongs to (-1: padding). The models
     let a token attend only within its own segment (`segment_mask`), so every row computes exactly what
     it computes alone."""
-    width = max(len(r) for r in rows)
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     bins: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):

@@ -1,7 +1,8 @@
 """`lorafit serve`: trained runs behind an HTTP API (a superset of Hugging Face TEI's `/predict`).
 
 Texts from concurrent requests are batched dynamically: a batch runs when it holds `max_batch_size` texts
-or its oldest text has waited `max_wait_ms`, whichever comes first. Inference runs in one worker thread fed
+or its oldest text has waited `max_wait_ms`, whichever comes first, and at once when no other request is
+on its way (being read or tokenized), since waiting could then only add latency. Inference runs in one worker thread fed
 by the batcher task, never on the event loop, so health, metrics and new requests stay responsive while a
 batch computes. Several runs trained on the same base weights share one copy of the frozen base in memory:
 each adds only its LoRA and head (unmerged; a batch holds the texts of one run). A single run, or one whose
@@ -20,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class ApiError(Exception):
 
 @dataclass
 class ServedRun:
-    """One run as the server holds it: its classifier, what /info says about it, and its metrics."""
+    """One run as the server holds it: its classifier, its config.json, and whether its LoRA is merged or
+    its base shared with other runs (what /info reports)."""
 
     name: str
     run_dir: Path
@@ -132,7 +134,8 @@ class ServedRun:
         return [row or [tokenizer.pad_id] for row in rows]  # an empty text still gets one position
 
     def logits(self, rows: list[list[int]]) -> torch.Tensor:
-        """Logits of one batch of token rows (padded, length-sorted inside), in the rows' order."""
+        """Logits of one batch of token rows, in the rows' order (one forward pass: the texts packed into rows
+        as wide as the longest, as `lorafit predict` does)."""
         from .train import predict_logits
 
         c = self.classifier
@@ -373,6 +376,7 @@ class Batcher:
         self.runs, self.limits, self.metrics = runs, limits, metrics
         self.queues: dict[str, deque[Item]] = {name: deque() for name in runs}
         self.depth = 0  # texts waiting, over all runs
+        self.arriving = 0  # requests being read or tokenized: texts that may join the next batch
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-inference")
         # One tokenizing thread: a Hugging Face tokenizer's truncation setting is state that concurrent
@@ -423,11 +427,23 @@ class Batcher:
             self.wakeup.clear()
             await self.wakeup.wait()
 
+    @contextmanager
+    def arrival(self):
+        """Around reading and tokenizing a request: while any request is on its way, a batch that is not
+        full waits for it (up to `max_wait_ms`); with none on its way, waiting could only add latency."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            self.wakeup.set()
+
     async def _collect(self, name: str) -> list[Item]:
-        """Wait until the batch is full or its oldest text's wait is up, then take it from the queue."""
+        """Wait until the batch is full, its oldest text's wait is up, or no other request is on its way;
+        then take it from the queue."""
         queue, size = self.queues[name], self.limits.max_batch_size
         deadline = queue[0].enqueued + self.limits.max_wait_ms / 1000
-        while len(queue) < size and (left := deadline - time.perf_counter()) > 0:
+        while len(queue) < size and self.arriving and (left := deadline - time.perf_counter()) > 0:
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), left)
@@ -651,11 +667,13 @@ class ServerState:
         start, limits = time.perf_counter(), self.limits
         _authorize(request, limits.api_key)
         run = self.run_named(name)
-        parsed = parse_predict_request(
-            await _read_body(request, limits.max_body_bytes), limits.max_client_batch
-        )
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate)
+        with self.batcher.arrival():
+            body = await _read_body(request, limits.max_body_bytes)
+            parsed = parse_predict_request(body, limits.max_client_batch)
+            loop = asyncio.get_running_loop()
+            rows = await loop.run_in_executor(
+                self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate
+            )
         queued = time.perf_counter()
         results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
         # A request's texts may span batches: its inference time is that of each distinct batch, once.

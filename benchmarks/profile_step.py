@@ -1,0 +1,117 @@
+"""Profile lorafit's GPT-2 124M training step and inference batch with torch.profiler (CPU), on packed
+batches of the SMS split that speed.py uses, and write the operator table to benchmarks/results/.
+
+    python benchmarks/profile_step.py [--data ../shared/data/SMSSpamCollection] [--precision auto] [--steps 6]
+
+Prints, per phase (forward, backward, optimiser; inference), the operators by self CPU time, and the
+matrix products' share and rate against the 1024² matmul peak of the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main() -> None:
+    import speed
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from lorafit.batching import collate_packed, sorted_batches
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
+    from lorafit.devices import autocast, cast_frozen_weights, cpu_has_fast_bf16, resolve_precision
+    from lorafit.lora import merge_lora
+    from lorafit.train import Split, batch_loss, make_optimizer, training_batches
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/SMSSpamCollection"))
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument(
+        "--steps", type=int, default=6, help="profiled training steps (after 3 warm-up steps)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    precision = resolve_precision(args.precision, device)
+    peak = speed.matmul_peak(args.threads)
+    data = speed.prepare_data(args.data, smoke=False)
+    spec = resolve_model("gpt2", "random")
+    model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
+    if precision == "bf16":
+        cast_frozen_weights(model, torch.bfloat16)
+    config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
+    train = Split(data["train"]["rows"], data["train"]["labels"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(named, config, len(train.rows))
+    batches = training_batches(train, config, epoch=1)
+
+    def step(batch) -> int:
+        ids, positions, segments = collate_packed([train.rows[i] for i in batch], 50256)
+        targets = torch.as_tensor([train.labels[i] for i in batch])
+        with record_function("forward"), autocast(device, precision):
+            logits = model(ids, None, positions, segments)
+        with record_function("backward"):
+            batch_loss(logits, targets, config, None)
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return sum(len(train.rows[i]) for i in batch)
+
+    model.train()
+    for batch in batches[:3]:
+        step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as train_prof:
+        start, tokens = time.perf_counter(), 0
+        for batch in batches[3 : 3 + args.steps]:
+            tokens += step(batch)
+        train_seconds = time.perf_counter() - start
+    model.eval()
+    merge_lora(model)
+    rows = data["test"]["rows"]
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as infer_prof:
+        start = time.perf_counter()
+        for batch in sorted_batches([len(r) for r in rows], 32):
+            ids, positions, segments = collate_packed([rows[i] for i in batch], 50256)
+            with autocast(device, precision):
+                model(ids, None, positions, segments)
+        infer_seconds = time.perf_counter() - start
+    n = speed.frozen_linear_parameters(speed.GPT2_124M)
+    infer_tokens = sum(len(r) for r in rows)
+    lines = [
+        f"lorafit GPT-2 124M, LoRA r8, {precision}, {args.threads} threads; fast bf16: {cpu_has_fast_bf16()}; "
+        f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} bf16",
+        f"training: {args.steps} packed batches of 8, {tokens} real tokens in {train_seconds:.2f} s = "
+        f"{train_seconds / args.steps * 1000:.0f} ms/step; 4·N·T at {4 * n * tokens / train_seconds / 1e9:,.0f} GFLOP/s "
+        f"({4 * n * tokens / train_seconds / 1e9 / peak[precision]:.0%} of peak) [profiler overhead included]",
+        f"inference: {len(rows)} messages, {infer_tokens} real tokens in {infer_seconds:.2f} s = "
+        f"{len(rows) / infer_seconds:.1f} msg/s; 2·N·T at {2 * n * infer_tokens / infer_seconds / 1e9:,.0f} GFLOP/s "
+        f"({2 * n * infer_tokens / infer_seconds / 1e9 / peak[precision]:.0%} of peak)",
+        "",
+        "TRAINING STEP (self CPU time)",
+        train_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
+        "TRAINING STEP by phase",
+        train_prof.key_averages().table(sort_by="cpu_time_total", row_limit=8),
+        "INFERENCE (self CPU time)",
+        infer_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    kind = "bf16-avx512" if cpu_has_fast_bf16() and precision == "bf16" else precision
+    path = Path(args.out) / f"profile-{kind}-epyc.txt"
+    path.write_text(text + "\n")
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
