@@ -15,7 +15,7 @@ from lorafit.batching import collate, collate_packed, segment_mask
 from lorafit.classifier import SequenceClassifier
 from lorafit.config import BertConfig, TrainConfig
 from lorafit.models.bert import Bert
-from lorafit.train import Split, training_batches
+from lorafit.train import INFERENCE_WIDTH_MULTIPLE, Split, predict_logits, training_batches
 
 ROWS = [[10, 20, 30], [40, 50, 60, 70, 80, 90], [7], [11, 12, 13, 14]]
 
@@ -76,6 +76,18 @@ def test_packed_logits_loss_and_gradients_equal_padded(family, pooling, tiny_gpt
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(packed_grads, padded_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,pooling", CASES)
+def test_inference_widths_rounded_to_a_multiple_give_the_padded_logits(family, pooling, tiny_gpt2_config):
+    model = _classifier(family, pooling, tiny_gpt2_config).eval()
+    input_ids, positions, segments = collate_packed(ROWS, 0, multiple=INFERENCE_WIDTH_MULTIPLE)
+    assert input_ids.shape[1] == INFERENCE_WIDTH_MULTIPLE and (segments == -1).any()  # padding was added
+    with torch.no_grad():
+        padded = model(*collate(ROWS, 0))
+        rounded = predict_logits(model, ROWS, pad_id=0, batch_size=len(ROWS), device=torch.device("cpu"),
+                                 precision="fp32")  # fmt: skip
+    torch.testing.assert_close(rounded, padded, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])

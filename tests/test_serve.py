@@ -22,7 +22,7 @@ from conftest import run_main, synthetic_sms
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lorafit import load_classifier  # noqa: E402
+from lorafit import load_classifier, serve  # noqa: E402
 from lorafit.serve import Batcher, Metrics, ServeLimits, create_app  # noqa: E402
 
 SPAM = "WIN FREE prize claim cash now 12345"
@@ -331,6 +331,30 @@ def test_the_batcher_waits_only_while_a_request_is_on_its_way():
 
     asyncio.run(scenario())
     assert seen == [[1], [2, 3]]
+
+
+def test_the_batcher_trims_the_heap_once_per_idle_spell_in_its_worker_thread(monkeypatch):
+    trims = []
+    monkeypatch.setattr(serve, "release_free_memory", lambda: trims.append(threading.current_thread().name))
+
+    class Run:
+        def logits(self, rows):
+            return torch.zeros(len(rows), 2)
+
+    async def scenario():
+        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=1), Metrics())
+        batcher.start()
+        await asyncio.sleep(3 * serve.IDLE_TRIM_S)
+        assert trims == []  # no batch ran yet: nothing to trim
+        await asyncio.wait_for(batcher.submit("r", [[1]])[0], 3)
+        await asyncio.sleep(3 * serve.IDLE_TRIM_S)
+        assert len(trims) == 1  # once, however long the idle spell
+        await asyncio.wait_for(batcher.submit("r", [[2]])[0], 3)
+        await asyncio.sleep(3 * serve.IDLE_TRIM_S)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert len(trims) == 2 and all(name.startswith("lorafit-inference") for name in trims)
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ base nobody shares, is served with LoRA merged into the weights.
 
 import asyncio
 import copy
+import ctypes
 import hmac
 import json
 import math
@@ -356,6 +357,19 @@ def scores(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None
 # --- dynamic batching -----------------------------------------------------------------------------------
 
 
+IDLE_TRIM_S = 0.1  # idle this long after a batch: hand the heap's free pages back (release_free_memory)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`, about 2 ms); elsewhere
+    nothing. Batches of ever new shapes leave freed blocks scattered in glibc's heap, which a server's
+    resident memory would otherwise keep (benchmarks/README.md, "Serving")."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Item:
     """One text waiting for its batch."""
@@ -383,6 +397,7 @@ class Batcher:
         # calls would race on, and tokenizing stays off the event loop.
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-tokenize")
         self.task: asyncio.Task | None = None
+        self.untrimmed = False  # batches ran since the heap was last trimmed
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -425,7 +440,14 @@ class Batcher:
             if heads:
                 return min(heads)[1]
             self.wakeup.clear()
-            await self.wakeup.wait()
+            if not self.untrimmed:
+                await self.wakeup.wait()
+                continue
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), IDLE_TRIM_S)
+            except asyncio.TimeoutError:  # idle: trim in the worker thread, so no batch runs meanwhile
+                self.untrimmed = False
+                await asyncio.get_running_loop().run_in_executor(self.executor, release_free_memory)
 
     @contextmanager
     def arrival(self):
@@ -474,6 +496,7 @@ class Batcher:
                     item.future.set_exception(ApiError(500, "backend", f"inference failed: {reason}"))
             return
         seconds = time.perf_counter() - start
+        self.untrimmed = True
         self.metrics.inference_seconds.labels(name).observe(seconds)
         self.metrics.texts.labels(name).inc(len(batch))
         for item, row in zip(batch, logits):

@@ -21,6 +21,11 @@ from .devices import autocast
 from .errors import LorafitError
 from .metrics import metrics_from_logits
 
+# Inference rounds packed widths up to a multiple of this: a long-lived process (a server, a million-row
+# predict) then meets a few dozen batch shapes instead of hundreds, and oneDNN's per-shape kernels and the
+# allocator's per-shape blocks stop growing its memory (benchmarks/README.md, "Serving").
+INFERENCE_WIDTH_MULTIPLE = 16
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (the reference lab seeds torch only; we seed all three)."""
@@ -43,8 +48,9 @@ def predict_logits(
     packing: bool = True,
 ) -> torch.Tensor:
     """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches of `batch_size`
-    texts, each packed into rows as wide as its longest text (`packing`, exactly what the padded batch
-    computes, with fewer tokens when lengths differ) or padded to it."""
+    texts, each packed into rows as wide as its longest text, rounded up to `INFERENCE_WIDTH_MULTIPLE`
+    (`packing`, exactly what the padded batch computes, with fewer tokens when lengths differ), or padded
+    to its longest text."""
     was_training = model.training
     model.eval()
     logits = torch.empty(len(rows), model.head.out_features)
@@ -53,7 +59,7 @@ def predict_logits(
     ):
         texts = [rows[i] for i in batch]
         if packing and len(texts) > 1:
-            input_ids, positions, segments = collate_packed(texts, pad_id)
+            input_ids, positions, segments = collate_packed(texts, pad_id, INFERENCE_WIDTH_MULTIPLE)
             inputs = (input_ids.to(device), None, positions.to(device), segments.to(device))
         else:
             input_ids, attention_mask = collate(texts, pad_id)
