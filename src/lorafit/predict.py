@@ -42,7 +42,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                                             chunk_rows=chunk_rows)  # fmt: skip
     main = distributed.is_main()
     bar = tqdm(
-        total=_count_lines(path) if main else 0, unit="row", desc="predict", disable=not main or out is None
+        total=_count_lines(path) if main else 0, unit="line", desc="predict", disable=not main or out is None
     )
     labels = classifier.labels
     rows = 0
