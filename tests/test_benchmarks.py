@@ -1,7 +1,8 @@
-"""Tests for the helpers of benchmarks/accuracy.py that choose a recipe (not the benchmark runs)."""
+"""Tests for the benchmarks' helpers: accuracy.py's splits and folds, predict_file.py's run (not the benchmark runs)."""
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import pytest  # noqa: E402
+from conftest import synthetic_sms  # noqa: E402
 
 
 def lab_style_file(tmp_path: Path) -> Path:
@@ -96,3 +98,17 @@ def test_cross_validation_folds_hold_every_training_row_out_once(tmp_path: Path,
             assert [texts[i] for i in rows] == [dataset.texts[i] for i in rows_back]
             assert [labels[i] for i in rows] == [dataset.labels[i] for i in rows_back]
     assert sorted(held_out) == sorted(train)
+
+
+def test_predict_file_benchmark_writes_every_row_in_order_and_samples_memory(tmp_path: Path, runs) -> None:
+    pytest.importorskip("psutil")
+    import predict_file
+
+    file, out = tmp_path / "rows.csv", tmp_path / "predictions.csv"
+    predict_file.write_rows(file, [text for _, text in synthetic_sms()], 50)
+    result = predict_file.run_predict(str(runs["a"]), file, out, every=0.2)
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["id"] for row in rows] == [str(i) for i in range(50)]
+    assert set(rows[0]) == {"id", "text", "label", "p_ham", "p_spam"}
+    assert result["summary"].startswith("Wrote 50 rows") and result["rss_samples"]
