@@ -2,11 +2,11 @@
 
 Texts from concurrent requests are batched dynamically: a batch runs when it holds `max_batch_size` texts
 or its oldest text has waited `max_wait_ms`, whichever comes first, and at once when no other request is
-on its way (being read or tokenized), since waiting could then only add latency. Inference runs in one worker thread fed
-by the batcher task, never on the event loop, so health, metrics and new requests stay responsive while a
-batch computes. Several runs trained on the same base weights share one copy of the frozen base in memory:
-each adds only its LoRA and head (unmerged; a batch holds the texts of one run). A single run, or one whose
-base nobody shares, is served with LoRA merged into the weights.
+on its way (being read or tokenized), since waiting could then only add latency. Inference runs in one
+worker thread fed by the batcher task, never on the event loop, so health, metrics and new requests stay
+responsive while a batch computes. Several runs trained on the same base weights share one copy of the
+frozen base in memory: each adds only its LoRA and head (unmerged; a batch holds the texts of one run). A
+single run, or one whose base nobody shares, is served with LoRA merged into the weights.
 
     app = lorafit.serve.create_app({"spam": "runs/spam"})   # an ASGI app, for uvicorn or your own service
 """
