@@ -23,12 +23,9 @@ from pathlib import Path
 
 import psutil
 
+from lorafit.data import load_dataset
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def sms_messages(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.split("\t", 1)[1].strip() for line in f if "\t" in line]
 
 
 def write_rows(path: Path, messages: list[str], n: int) -> None:
@@ -76,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lorafit-predict-bench-") as scratch:
         file, out = Path(scratch) / "rows.csv", Path(scratch) / "predictions.csv"
-        write_rows(file, sms_messages(args.data), args.rows)
+        write_rows(file, load_dataset(args.data, log=lambda *a: None).texts, args.rows)
         result = run_predict(args.run, file, out, args.every)
         with open(out, encoding="utf-8") as f:
             written = sum(1 for _ in csv.reader(f)) - 1
