@@ -23,12 +23,20 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from lorafit.batching import collate_packed, sorted_batches
+    from lorafit.batching import collate_packed, packed_width, sorted_batches
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import autocast, cast_frozen_weights, cpu_has_fast_bf16, resolve_precision
     from lorafit.lora import merge_lora
-    from lorafit.train import Split, batch_loss, make_optimizer, training_batches
+    from lorafit.models.attention import set_kernel
+    from lorafit.train import (
+        INFERENCE_WIDTH_MULTIPLE,
+        Split,
+        batch_inputs,
+        batch_loss,
+        make_optimizer,
+        training_batches,
+    )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,9 +47,11 @@ def main() -> None:
         "--steps", type=int, default=6, help="profiled training steps (after 3 warm-up steps)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="auto", choices=["auto", "math", "sdpa"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    set_kernel(args.attention)
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
     peak = speed.matmul_peak(args.threads)
@@ -56,25 +66,26 @@ def main() -> None:
     optimizer, scheduler = make_optimizer(named, config, len(train.rows))
     batches = training_batches(train, config, epoch=1)
 
-    def step(batch) -> int:
-        ids, positions, segments = collate_packed([train.rows[i] for i in batch], 50256)
+    def step(batch) -> tuple[int, int]:
+        inputs = batch_inputs(train, list(batch), config, 50256, None, device)
         targets = torch.as_tensor([train.labels[i] for i in batch])
         with record_function("forward"), autocast(device, precision):
-            logits = model(ids, None, positions, segments)
+            logits = model(*inputs)
         with record_function("backward"):
             batch_loss(logits, targets, config, None)
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return sum(len(train.rows[i]) for i in batch)
+        return sum(len(train.rows[i]) for i in batch), inputs[0].numel()
 
     model.train()
     for batch in batches[:3]:
         step(batch)
     with profile(activities=[ProfilerActivity.CPU]) as train_prof:
-        start, tokens = time.perf_counter(), 0
+        start, tokens, cells = time.perf_counter(), 0, 0
         for batch in batches[3 : 3 + args.steps]:
-            tokens += step(batch)
+            real, padded = step(batch)
+            tokens, cells = tokens + real, cells + padded
         train_seconds = time.perf_counter() - start
     model.eval()
     merge_lora(model)
@@ -82,7 +93,9 @@ def main() -> None:
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as infer_prof:
         start = time.perf_counter()
         for batch in sorted_batches([len(r) for r in rows], 32):
-            ids, positions, segments = collate_packed([rows[i] for i in batch], 50256)
+            texts = [rows[i] for i in batch]
+            width = packed_width([len(t) for t in texts], INFERENCE_WIDTH_MULTIPLE)
+            ids, positions, segments = collate_packed(texts, 50256, width=width)
             with autocast(device, precision):
                 model(ids, None, positions, segments)
         infer_seconds = time.perf_counter() - start
@@ -91,7 +104,7 @@ def main() -> None:
     lines = [
         f"lorafit GPT-2 124M, LoRA r8, {precision}, {args.threads} threads; fast bf16: {cpu_has_fast_bf16()}; "
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} bf16",
-        f"training: {args.steps} packed batches of 8, {tokens} real tokens in {train_seconds:.2f} s = "
+        f"training: {args.steps} packed batches of 8, {tokens} real tokens ({1 - tokens / cells:.1%} padding) in {train_seconds:.2f} s = "
         f"{train_seconds / args.steps * 1000:.0f} ms/step; 4·N·T at {4 * n * tokens / train_seconds / 1e9:,.0f} GFLOP/s "
         f"({4 * n * tokens / train_seconds / 1e9 / peak[precision]:.0%} of peak) [profiler overhead included]",
         f"inference: {len(rows)} messages, {infer_tokens} real tokens in {infer_seconds:.2f} s = "

@@ -14,6 +14,10 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
   lorafit             lorafit's defaults: class-mixed length buckets, each batch packed into rows as wide as
                       its longest text (`--packing`), bf16 where `resolve_precision("auto")` picks it (frozen
                       linears stored in bf16, as `lorafit train` does).
+  lorafit-sdpa        the defaults with `--attention sdpa`: PyTorch's fused attention kernel instead of the
+                      written-out products (the attention lever off).
+  lorafit-longest     the defaults with `--packed-width longest`: packed rows as wide as the batch's longest
+                      text instead of the fitted width (the width lever off).
   lorafit-no-packing  the same batches with `--no-packing`: each padded to its own longest text (the default
                       before packing).
   lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
@@ -211,6 +215,8 @@ def run_lorafit(
     activation_checkpointing: bool = False,
     packing: bool = True,
     full_epoch: bool = False,
+    attention: str = "auto",
+    packed_width: str = "fit",
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -220,13 +226,14 @@ def run_lorafit(
 
     import torch
 
-    from lorafit.batching import collate_packed
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import cast_frozen_weights, resolve_precision
     from lorafit.lora import merge_lora
-    from lorafit.train import Split, fit, packs_batches, predict_logits, training_batches
+    from lorafit.models.attention import set_kernel
+    from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
 
+    set_kernel(attention)
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
     spec = resolve_model("gpt2", "random")
@@ -246,6 +253,7 @@ def run_lorafit(
             bucketing=bucketing,
             log_every=10**9,
             packing=packing,
+            packed_width=packed_width,
         ),
         "gpt2",
     )
@@ -273,7 +281,7 @@ def run_lorafit(
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
     if packs_batches(config):
-        padded = sum(collate_packed([timed.rows[i] for i in batch], PAD_ID)[0].numel() for batch in batches)
+        padded = sum(batch_inputs(timed, list(b), config, PAD_ID, None, device)[0].numel() for b in batches)
     else:
         padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
     result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
@@ -415,6 +423,16 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
         "label": "lorafit defaults, one MEASURED epoch of every training row ({precision})",
+    },
+    "lorafit-sdpa": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", attention="sdpa"),
+        "label": "lorafit --attention sdpa (PyTorch's fused kernel, {precision})",
+    },
+    "lorafit-longest": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packed_width="longest"),
+        "label": "lorafit --packed-width longest ({precision})",
     },
     "lorafit-no-packing": {
         "needs": [],

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import run_main
 
 from lorafit import GPT2, LoRAConfig, apply_lora
-from lorafit.batching import collate, collate_packed, segment_mask
+from lorafit.batching import collate, collate_packed, packed_width, segment_mask
 from lorafit.classifier import SequenceClassifier
 from lorafit.config import BertConfig, TrainConfig
 from lorafit.models.bert import Bert
@@ -117,7 +117,11 @@ def test_packing_keeps_the_batches_and_only_changes_their_layout():
 @pytest.mark.parametrize(
     "flags,logged",
     [
-        ([], "batches: length-bucketed, classes mixed, packed into rows"),
+        ([], "batches: length-bucketed, classes mixed, packed into rows of fitted width"),
+        (
+            ["--packed-width", "longest"],
+            "batches: length-bucketed, classes mixed, packed into rows as wide as the longest",
+        ),
         (["--no-packing"], "batches: length-bucketed, classes mixed, padded"),
         (["--no-bucketing"], "batches: random, padded to"),
     ],
@@ -132,7 +136,34 @@ def test_cli_batching_modes_train_and_say_which(tiny_gpt2_dir, sms_file, tmp_pat
     assert logged in out + err
     assert "Test accuracy" in out + err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
-    assert saved["packing"] == (flags == [])
+    assert saved["packing"] == ("--packed-width" in flags or flags == [])
+    assert saved["packed_width"] == ("longest" if "longest" in flags else "fit")
+
+
+def test_packed_width_fits_several_similar_texts_per_row():
+    # Eight texts of 20 tokens: width 24 pads each to 24 (192 cells); width 40 holds two per row (160 cells)
+    # at little more attention; wider rows save no cells and cost more attention.
+    assert packed_width([20] * 8, 8) == 40
+    assert packed_width([20] * 8, 1) == 20  # any width allowed: 20 fits them with no padding at all
+    assert packed_width([5, 7, 3], 16) == 16  # all fit in the narrowest row
+    for lengths in ([1], [63, 2, 2], list(range(1, 30))):
+        width = packed_width(lengths, 8)
+        assert width % 8 == 0 and width >= max(lengths)
+    with pytest.raises(ValueError, match="narrower than the longest row"):
+        collate_packed(ROWS, 0, width=5)
+
+
+@pytest.mark.parametrize("family,pooling", [("gpt2", "last"), ("bert", "cls")])
+def test_fitted_width_logits_equal_padded(family, pooling, tiny_gpt2_config):
+    model = _classifier(family, pooling, tiny_gpt2_config).eval()
+    rows = [[i + 1] * 5 for i in range(6)]  # similar lengths: the fitted rows hold several texts each
+    width = packed_width([len(r) for r in rows], 8)
+    assert width == 16
+    ids, positions, segments = collate_packed(rows, 0, width=width)
+    assert ids.shape[0] < len(rows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, None, positions, segments), model(*collate(rows, 0)),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,30 +79,64 @@ def collate(
     return input_ids, attention_mask
 
 
+# A packed row of width W costs its linears per token plus attention that grows with W: per token,
+# 1 + W / ATTENTION_WIDTH_COST in units of the linears (set from GPT-2 124M bf16 step timings; the exact
+# value matters little: widths 60-90 and 5-8 % padding for SMS batches of 8 across 256-1024).
+ATTENTION_WIDTH_COST = 1024
+# Widths tried above the shortest possible one (the longest row, rounded up to `multiple`).
+WIDTH_CANDIDATES = 24
+
+
+def _first_fit_bins(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` packed first fit, longest first, into bins of `width` (each length <= width)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b in range(len(bins)):
+            if lengths[i] <= free[b]:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(width - lengths[i])
+    return bins
+
+
+def packed_width(lengths: Sequence[int], multiple: int = 1) -> int:
+    """The packed row width (a multiple of `multiple`, at least the longest length) that makes a batch
+    cheapest: fewest padded cells, weighed by the attention cost of wide rows (`ATTENTION_WIDTH_COST`).
+
+    Rows as wide as the longest text pad a lot when a batch's texts are of similar length (length
+    bucketing makes them so: one text per row, each padded to the longest); a wider row fits two or three
+    texts. On the SMS training batches padding fell from 14.5 % to 5 %, inference's from 18.5 % to 5.5 %."""
+    shortest = -(-max(lengths) // multiple) * multiple
+    widest = max(shortest, -(-sum(lengths) // multiple) * multiple)
+    best_width, best_cost = shortest, math.inf
+    for width in range(shortest, min(widest, shortest + WIDTH_CANDIDATES * multiple) + 1, multiple):
+        cost = len(_first_fit_bins(lengths, width)) * width * (1 + width / ATTENTION_WIDTH_COST)
+        if cost < best_cost:
+            best_width, best_cost = width, cost
+    return best_width
+
+
 def collate_packed(
-    rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
+    rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack `rows` end to end into as few rows as hold them, each as wide as the longest of `rows` (first
-    fit, longest first), so a batch costs its real tokens plus a little padding in its last packed rows.
-    `multiple` rounds the width up to a multiple of it: fewer distinct shapes for the kernels and the
-    allocator to see, at the price of a little padding (inference uses it).
+    """Pack `rows` end to end into as few rows of `width` as hold them (first fit, longest first), so a
+    batch costs its real tokens plus a little padding in its last packed rows. `width` defaults to the
+    longest of `rows` rounded up to `multiple` (`packed_width` chooses a cheaper one): a multiple gives
+    fewer distinct shapes for the kernels and the allocator to see, at the price of a little padding.
 
     Returns `(input_ids, positions, segments)`, all packed rows × width: `positions` restart at 0 for
     each row of `rows`; `segments` says which of `rows` each token belongs to (-1: padding). The models
     let a token attend only within its own segment (`segment_mask`), so every row computes exactly what
     it computes alone."""
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
-        for b in range(len(bins)):
-            if len(rows[i]) <= free[b]:
-                bins[b].append(i)
-                free[b] -= len(rows[i])
-                break
-        else:
-            bins.append([i])
-            free.append(width - len(rows[i]))
+    longest = max(len(r) for r in rows)
+    width = width or -(-longest // multiple) * multiple
+    if width < longest:
+        raise ValueError(f"packed width {width} is narrower than the longest row ({longest} tokens)")
+    bins = _first_fit_bins([len(r) for r in rows], width)
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
     segments = torch.full((len(bins), width), -1, dtype=torch.long)

@@ -75,6 +75,24 @@ def lora_config_from(args: argparse.Namespace) -> LoRAConfig | None:
     )
 
 
+def add_attention_option(p) -> None:
+    p.add_argument("--attention", choices=("auto", "math", "sdpa"), default="auto",
+                   help="attention kernel: auto (default) writes softmax(q·k)·v out for packed rows on a CPU, "
+                        "where it is faster, and uses PyTorch's fused SDPA kernel elsewhere; math or sdpa: "
+                        "always that one (same results up to rounding)")  # fmt: skip
+
+
+def set_runtime_options(args: argparse.Namespace) -> None:
+    """Process-wide settings that change speed, not results: CPU threads and the attention kernel."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .models.attention import set_kernel
+
+    set_kernel(args.attention)
+
+
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
@@ -135,14 +153,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune and write a run directory."""
     from .run import RunOptions, resume_run, train_run
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_runtime_options(args)
     if args.resume:
         # A resumed run must be the run that was started: its settings come from its config.json.
         defaults = vars(build_parser().parse_args(["train"]))
-        allowed = {"resume", "threads", "device", "func"}
+        allowed = {"resume", "threads", "attention", "device", "func"}
         changed = [k for k, v in vars(args).items() if k not in allowed and v != defaults.get(k)]
         if changed:
             option = "--" + changed[0].replace("_", "-")
@@ -208,6 +223,7 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
         seed=42 if args.seed is None else args.seed, log_every=10 if args.log_every is None else args.log_every,
         eval_batch_size=args.eval_batch_size, precision=args.precision, bucketing=not args.no_bucketing,
         mix_classes=not args.no_class_mixing, packing=args.packing is not False and not args.no_bucketing,
+        packed_width=args.packed_width,
         scheduler=args.scheduler, warmup=args.warmup, keep_best=args.keep_best, ema=args.ema,
         activation_checkpointing=args.activation_checkpointing, device=args.device,
     )  # fmt: skip
@@ -275,10 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .serve import ServeLimits, parse_run_specs, serve
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_runtime_options(args)
     limits = ServeLimits(
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         timeout_s=args.timeout_s, max_client_batch=args.max_client_batch, max_body_bytes=args.max_body_bytes,
@@ -427,10 +440,14 @@ def _add_training_options(p) -> None:
                    help="lay each batch out packed: its texts end to end in rows as wide as its longest, "
                         "kept apart by the attention mask and their own positions (default); --no-packing: "
                         "one row per text, padded to the batch's longest")  # fmt: skip
+    g.add_argument("--packed-width", choices=("fit", "longest"), default="fit",
+                   help="packed row width: fit (default), the multiple of 8 that pads least, a row often "
+                        "holding two or three texts; longest: as wide as the batch's longest text")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_attention_option(g)
     g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     g.add_argument(
         "--examples", type=int, default=5, help="example predictions printed at the end (default 5)"
@@ -494,6 +511,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="auto (default): bf16 where the hardware multiplies it fast, else fp32")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_attention_option(p)
     p.set_defaults(func=cmd_serve)
 
 

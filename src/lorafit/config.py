@@ -143,9 +143,12 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     bucketing: bool = True  # False: the reference behaviour, random batches padded to the max length
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
-    # Lay each batch out packed: its texts end to end in rows as wide as its longest text, not one padded
-    # row per text. Same batches, same result (the attention mask keeps texts apart); fewer tokens.
+    # Lay each batch out packed: its texts end to end in rows, not one padded row per text. Same batches,
+    # same result (the attention mask keeps texts apart); fewer tokens.
     packing: bool = True
+    # Packed row width: "fit", the cheapest multiple of 8 (`batching.packed_width`), or "longest", as wide
+    # as the batch's longest text (the layout before fitting existed).
+    packed_width: str = "fit"
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up

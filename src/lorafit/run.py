@@ -67,9 +67,12 @@ def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOpti
         weights=config["model"]["weights"],
         pooling=config["pooling"],
         lora=config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None,
-        # A run written before packing existed trained on bucketed batches, and one written before class
-        # mixing by length alone: resume it the same way.
-        train=config_from_dict(TrainConfig, {"mix_classes": False, "packing": False, **config["train"]}),
+        # A run written before packing existed trained on bucketed batches, one written before class
+        # mixing by length alone, one before fitted widths in rows as wide as the longest: resume it so.
+        train=config_from_dict(
+            TrainConfig,
+            {"mix_classes": False, "packing": False, "packed_width": "longest", **config["train"]},
+        ),
         data=config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])}),
         max_length=config["max_length"],
         out=str(run_dir),
@@ -277,7 +280,12 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
     batching = f"random, padded to {data.max_length} (--no-bucketing)"
     if config.bucketing:
         mixing = "classes mixed" if config.mix_classes else "length only"
-        batching = f"length-bucketed, {mixing}, {'packed into rows' if packs_batches(config) else 'padded'}"
+        layout = "padded"
+        if packs_batches(config):
+            layout = "packed into rows " + (
+                "of fitted width" if config.packed_width == "fit" else "as wide as the longest"
+            )
+        batching = f"length-bucketed, {mixing}, {layout}"
     why = ""
     if config.precision == "auto" and setup.precision == "fp32" and setup.device.type == "cpu":
         why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lorafit.batching import segment_mask
 from lorafit.config import BertConfig, config_from_dict
 from lorafit.errors import LorafitError
+from lorafit.models.attention import attention
 from lorafit.models.gpt2 import run_block
 
 
@@ -73,14 +74,9 @@ class SelfAttention(nn.Module):
         q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        bias = None
-        if keep is not None:
-            # Additive mask in q's dtype (which autocast may have lowered): a boolean mask would turn a
-            # row that is all padding into NaNs, this gives it uniform attention instead, as in HF.
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~keep, torch.finfo(q.dtype).min)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        # A row that is all padding attends uniformly instead of giving NaN, as in HF (see `attention`).
+        y = attention(q, k, v, keep, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.out_proj(y)
 

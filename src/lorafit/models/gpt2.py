@@ -1,7 +1,7 @@
 """GPT-2 from scratch in plain PyTorch, and weight loading from Hugging Face safetensors.
 
 Pre-LayerNorm blocks, learned positions, GELU (tanh form), separate q/k/v/out linears, causal
-`scaled_dot_product_attention`. The LM head is tied to the token embedding, as in GPT-2.
+attention (`models.attention`). The LM head is tied to the token embedding, as in GPT-2.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..batching import segment_mask
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
 from ..errors import LorafitError
+from .attention import attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,10 +44,7 @@ class CausalSelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         dropout = self.dropout if self.training else 0.0
-        if mask is None:  # SDPA's fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attention(q, k, v, mask, dropout, causal=mask is None)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
