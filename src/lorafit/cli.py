@@ -441,7 +441,7 @@ def _add_training_options(p) -> None:
                         "kept apart by the attention mask and their own positions (default); --no-packing: "
                         "one row per text, padded to the batch's longest")  # fmt: skip
     g.add_argument("--packed-width", choices=("fit", "longest"), default="fit",
-                   help="packed row width: fit (default), the multiple of 8 that pads least, a row often "
+                   help="packed row width: fit (default), the multiple of 16 that pads least, a row often "
                         "holding two or three texts; longest: as wide as the batch's longest text")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip

@@ -146,7 +146,7 @@ class TrainConfig:
     # Lay each batch out packed: its texts end to end in rows, not one padded row per text. Same batches,
     # same result (the attention mask keeps texts apart); fewer tokens.
     packing: bool = True
-    # Packed row width: "fit", the cheapest multiple of 8 (`batching.packed_width`), or "longest", as wide
+    # Packed row width: "fit", the cheapest multiple of 16 (`batching.packed_width`), or "longest", as wide
     # as the batch's longest text (the layout before fitting existed).
     packed_width: str = "fit"
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
