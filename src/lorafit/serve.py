@@ -357,6 +357,10 @@ def scores(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None
 # --- dynamic batching -----------------------------------------------------------------------------------
 
 
+# oneDNN caches the kernels of up to 1,024 shapes × operations by default, each holding memory; a server
+# meets batches of ever new shapes. 64 cost no measurable time on MiniLM and held 100 MiB less after 1,000
+# batches of 1-32 SMS messages (benchmarks/README.md, "Serving").
+PRIMITIVE_CACHE_CAPACITY = 64
 IDLE_TRIM_S = 0.1  # idle this long after a batch: hand the heap's free pages back (release_free_memory)
 
 
@@ -847,6 +851,8 @@ def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.
 
     limits.check()
     sock = _listen(host, port)
+    # Read by oneDNN when it makes its first kernel, so before loading; the user's own value wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
     runs = load_runs(run_dirs, device=device, precision=precision)
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{sock.getsockname()[1]}"
