@@ -109,7 +109,8 @@ def packed_width(lengths: Sequence[int], multiple: int = 1) -> int:
 
     Rows as wide as the longest text pad a lot when a batch's texts are of similar length (length
     bucketing makes them so: one text per row, each padded to the longest); a wider row fits two or three
-    texts. On the SMS training batches padding fell from 14.5 % to 5 %, inference's from 18.5 % to 5.5 %."""
+    texts. On the SMS training batches (multiples of 16) padding fell from 14.5 % to 7.3 %, inference's from
+    18.5 % to 5.5 %."""
     shortest = -(-max(lengths) // multiple) * multiple
     widest = max(shortest, -(-sum(lengths) // multiple) * multiple)
     best_width, best_cost = shortest, math.inf
