@@ -33,7 +33,7 @@ def test_math_attention_equals_sdpa_values_and_gradients(kernel, causal_only):
     results = {}
     for name in ("sdpa", "math"):
         kernel(name)
-        assert attn.uses_math(q, keep) == (name == "math")
+        assert attn.uses_math(q) == (name == "math")
         out = attn.attention(q, k, v, keep, causal=causal_only)
         results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad))
     for a, b in zip(results["math"], results["sdpa"]):
@@ -49,15 +49,14 @@ def test_a_query_that_may_see_no_key_attends_uniformly(kernel):
     torch.testing.assert_close(out[0, 0, 2], v[0, 0].mean(0))  # no key allowed: the plain mean of v
 
 
-def test_auto_writes_out_only_small_masked_cpu_attention():
+def test_auto_writes_out_only_small_cpu_attention():
     q = torch.zeros(2, 12, 47, 64)
-    keep = torch.ones(2, 1, 47, 47, dtype=torch.bool)
     assert attn.get_kernel() == "auto"
-    assert attn.uses_math(q, keep) and attn.uses_math(q, None)
+    assert attn.uses_math(q)  # with a mask or without
     one_text = torch.zeros(1, 12, 16, 64)  # 3 k scores: the fused kernel's lower overhead wins
-    assert not attn.uses_math(one_text, None)
+    assert not attn.uses_math(one_text)
     big = torch.zeros(8, 12, 1024, 1)  # 100 M scores: the fused kernel, which never stores them
-    assert not attn.uses_math(big, torch.ones(8, 1, 1024, 1024, dtype=torch.bool))
+    assert not attn.uses_math(big)
     with pytest.raises(ValueError, match="auto, math, sdpa"):
         attn.set_kernel("flash")
 

@@ -38,7 +38,7 @@ def get_kernel() -> str:
     return _kernel
 
 
-def uses_math(q: torch.Tensor, keep: torch.Tensor | None) -> bool:
+def uses_math(q: torch.Tensor) -> bool:
     """Whether `attention` writes the products out for these shapes (see the module docstring)."""
     if _kernel != "auto":
         return _kernel == "math"
@@ -66,7 +66,7 @@ def attention(
         bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~keep, torch.finfo(q.dtype).min
         )
-    if not uses_math(q, keep):
+    if not uses_math(q):
         if bias is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
