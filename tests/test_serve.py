@@ -357,6 +357,31 @@ def test_the_batcher_trims_the_heap_once_per_idle_spell_in_its_worker_thread(mon
     assert len(trims) == 2 and all(name.startswith("lorafit-inference") for name in trims)
 
 
+def test_under_constant_load_the_batcher_trims_at_most_once_per_busy_trim_interval(monkeypatch):
+    trims = []
+    monkeypatch.setattr(serve, "release_free_memory", lambda: trims.append(threading.current_thread().name))
+    monkeypatch.setattr(serve, "IDLE_TRIM_S", 60.0)  # never idle here: only the busy trim can run
+    monkeypatch.setattr(serve, "BUSY_TRIM_S", 0.05)
+
+    class Run:
+        def logits(self, rows):
+            time.sleep(0.01)
+            return torch.zeros(len(rows), 2)
+
+    async def scenario():
+        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=1), Metrics())
+        batcher.start()
+        start = time.perf_counter()
+        for i in range(30):  # back to back: the worker is never idle for IDLE_TRIM_S
+            await asyncio.wait_for(batcher.submit("r", [[i]])[0], 3)
+        await batcher.stop()
+        return time.perf_counter() - start
+
+    seconds = asyncio.run(scenario())
+    assert 2 <= len(trims) <= seconds / 0.05 + 1 and len(trims) < 30
+    assert all(name.startswith("lorafit-inference") for name in trims)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

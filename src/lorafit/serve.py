@@ -357,11 +357,13 @@ def scores(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None
 # --- dynamic batching -----------------------------------------------------------------------------------
 
 
-# oneDNN caches the kernels of up to 1,024 shapes × operations by default, each holding memory; a server
-# meets batches of ever new shapes. 64 cost no measurable time on MiniLM and held 100 MiB less after 1,000
-# batches of 1-32 SMS messages (benchmarks/README.md, "Serving").
+# oneDNN caches the kernels of up to 1,024 shapes × operations by default, and PyTorch's ideep layer above
+# it keeps its own cache of as many (LRU_CACHE_CAPACITY), each entry holding memory; a server meets batches
+# of ever new shapes. 64 of each cost no measurable time on MiniLM; after 800-1,000 batches of 1-32 SMS
+# messages in bf16 they held 100 MiB (oneDNN) and 95 MiB (ideep) less (benchmarks/README.md, "Serving").
 PRIMITIVE_CACHE_CAPACITY = 64
 IDLE_TRIM_S = 0.1  # idle this long after a batch: hand the heap's free pages back (release_free_memory)
+BUSY_TRIM_S = 1.0  # under constant load, trim at most this often (about 2 ms each: 0.2 % of the worker)
 
 
 def release_free_memory() -> None:
@@ -402,6 +404,7 @@ class Batcher:
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-tokenize")
         self.task: asyncio.Task | None = None
         self.untrimmed = False  # batches ran since the heap was last trimmed
+        self.trimmed_at = time.perf_counter()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -450,8 +453,11 @@ class Batcher:
             try:
                 await asyncio.wait_for(self.wakeup.wait(), IDLE_TRIM_S)
             except asyncio.TimeoutError:  # idle: trim in the worker thread, so no batch runs meanwhile
-                self.untrimmed = False
-                await asyncio.get_running_loop().run_in_executor(self.executor, release_free_memory)
+                await self._trim()
+
+    async def _trim(self) -> None:
+        self.untrimmed, self.trimmed_at = False, time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self.executor, release_free_memory)
 
     @contextmanager
     def arrival(self):
@@ -506,6 +512,8 @@ class Batcher:
         for item, row in zip(batch, logits):
             if not item.future.done():
                 item.future.set_result((row, start, seconds))
+        if time.perf_counter() - self.trimmed_at >= BUSY_TRIM_S:  # after the answers: they do not wait for it
+            await self._trim()
 
     def _fail_waiting(self, task: asyncio.Task) -> None:
         """The batcher stopped (shutdown, or a bug): nothing queued will run, so fail it now, not at timeout."""
@@ -853,6 +861,7 @@ def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.
     sock = _listen(host, port)
     # Read by oneDNN when it makes its first kernel, so before loading; the user's own value wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))  # ideep's, read at first use
     runs = load_runs(run_dirs, device=device, precision=precision)
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{sock.getsockname()[1]}"
