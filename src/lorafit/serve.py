@@ -136,7 +136,7 @@ class ServedRun:
 
     def logits(self, rows: list[list[int]]) -> torch.Tensor:
         """Logits of one batch of token rows, in the rows' order (one forward pass: the texts packed into rows
-        as wide as the longest, as `lorafit predict` does)."""
+        of the cheapest multiple of 16 tokens, as `lorafit predict` does)."""
         from .train import predict_logits
 
         c = self.classifier
