@@ -437,7 +437,7 @@ def _add_training_options(p) -> None:
     g.add_argument("--no-class-mixing", action="store_true",
                    help="bucket by length alone (batches may hold one class when length predicts the label)")  # fmt: skip
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="lay each batch out packed: its texts end to end in rows as wide as its longest, "
+                   help="lay each batch out packed: its texts end to end in rows (--packed-width), "
                         "kept apart by the attention mask and their own positions (default); --no-packing: "
                         "one row per text, padded to the batch's longest")  # fmt: skip
     g.add_argument("--packed-width", choices=("fit", "longest"), default="fit",
