@@ -333,17 +333,29 @@ def test_the_batcher_waits_only_while_a_request_is_on_its_way():
     assert seen == [[1], [2, 3]]
 
 
-def test_the_batcher_trims_the_heap_once_per_idle_spell_in_its_worker_thread(monkeypatch):
-    trims = []
-    monkeypatch.setattr(serve, "release_free_memory", lambda: trims.append(threading.current_thread().name))
+@pytest.fixture
+def trims(monkeypatch) -> list[str]:
+    """The names of the threads `release_free_memory` is called in, in order (nothing is trimmed)."""
+    names: list[str] = []
+    monkeypatch.setattr(serve, "release_free_memory", lambda: names.append(threading.current_thread().name))
+    return names
+
+
+def started_zero_batcher() -> Batcher:
+    """A started batcher over one run "r" whose logits are zeros (call inside an event loop)."""
 
     class Run:
         def logits(self, rows):
             return torch.zeros(len(rows), 2)
 
+    batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=1), Metrics())
+    batcher.start()
+    return batcher
+
+
+def test_the_batcher_trims_the_heap_once_per_idle_spell_in_its_worker_thread(trims):
     async def scenario():
-        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=1), Metrics())
-        batcher.start()
+        batcher = started_zero_batcher()
         await asyncio.sleep(3 * serve.IDLE_TRIM_S)
         assert trims == []  # no batch ran yet: nothing to trim
         await asyncio.wait_for(batcher.submit("r", [[1]])[0], 3)
@@ -359,20 +371,13 @@ def test_the_batcher_trims_the_heap_once_per_idle_spell_in_its_worker_thread(mon
 
 @pytest.mark.parametrize("busy_trim_s, expected", [(0.0, 30), (3600.0, 0)])
 def test_under_constant_load_the_batcher_trims_once_its_busy_trim_interval_has_passed(
-    monkeypatch, busy_trim_s, expected
+    monkeypatch, trims, busy_trim_s, expected
 ):
-    trims = []
-    monkeypatch.setattr(serve, "release_free_memory", lambda: trims.append(threading.current_thread().name))
     monkeypatch.setattr(serve, "IDLE_TRIM_S", 3600.0)  # never idle here: only the busy trim can run
     monkeypatch.setattr(serve, "BUSY_TRIM_S", busy_trim_s)
 
-    class Run:
-        def logits(self, rows):
-            return torch.zeros(len(rows), 2)
-
     async def scenario():
-        batcher = Batcher({"r": Run()}, ServeLimits(max_batch_size=8, max_wait_ms=1), Metrics())
-        batcher.start()
+        batcher = started_zero_batcher()
         for i in range(30):  # back to back: each answer arrives before its batch's trim runs
             await asyncio.wait_for(batcher.submit("r", [[i]])[0], 3)
         await batcher.stop()
