@@ -280,6 +280,48 @@ def test_runs_on_one_base_share_its_frozen_tensors(runs):
         client.__exit__(None, None, None)
 
 
+def test_loading_warm_up_and_batches_run_on_one_thread_and_serve_loads_on_a_passing_one(
+    runs, monkeypatch, capsys
+):
+    # With OpenMP a second thread running kernels gets a second team of workers and slows every batch.
+    from lorafit import serve as serve_module
+
+    threads = []
+    load_runs, logits = serve_module.load_runs, serve_module.ServedRun.logits
+
+    def recording_load(*args):
+        threads.append(("load", threading.current_thread()))
+        return load_runs(*args)
+
+    def recording_logits(self, rows):
+        threads.append(("logits", threading.current_thread()))
+        return logits(self, rows)
+
+    monkeypatch.setattr(serve_module, "load_runs", recording_load)
+    monkeypatch.setattr(serve_module.ServedRun, "logits", recording_logits)
+    client = started(create_app({"a": runs["a"]}, precision="fp32"))
+    try:
+        assert client.post("/predict", json={"inputs": [SPAM, HAM]}).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    kinds = [kind for kind, _ in threads]
+    assert kinds[0] == "load" and kinds.count("logits") >= 3  # warm-up (1 text, a full batch), the batch
+    assert len({thread for _, thread in threads}) == 1
+    assert threads[0][1] is not threading.main_thread()
+
+    threads.clear()
+
+    def refusing_load(*args):
+        threads.append(("load", threading.current_thread()))
+        raise serve_module.LorafitError("no such run here")
+
+    monkeypatch.setattr(serve_module, "load_runs", refusing_load)
+    code, _, err = run_main(["serve", "--run", str(runs["a"]), "--port", str(free_port())], capsys)
+    assert code == 2 and "no such run here" in err
+    (_, loader), = threads
+    assert loader is not threading.main_thread() and not loader.is_alive()
+
+
 def test_the_batcher_drops_cancelled_texts_and_keeps_going():
     seen = []
 

@@ -392,13 +392,14 @@ class Batcher:
     `max_wait_ms`. Texts whose request was cancelled (client gone, timed out) are dropped before their
     batch runs; an exception in a batch fails the requests in it, and the batcher goes on."""
 
-    def __init__(self, runs: dict[str, ServedRun], limits: ServeLimits, metrics):
+    def __init__(self, runs: dict[str, ServedRun], limits: ServeLimits, metrics,
+                 executor: ThreadPoolExecutor | None = None):  # fmt: skip
         self.runs, self.limits, self.metrics = runs, limits, metrics
         self.queues: dict[str, deque[Item]] = {name: deque() for name in runs}
         self.depth = 0  # texts waiting, over all runs
         self.arriving = 0  # requests being read or tokenized: texts that may join the next batch
         self.wakeup = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-inference")
+        self.executor = executor or inference_thread()
         # One tokenizing thread: a Hugging Face tokenizer's truncation setting is state that concurrent
         # calls would race on, and tokenizing stays off the event loop.
         self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-tokenize")
@@ -661,17 +662,20 @@ class ServerState:
     failure: str | None = None  # why loading failed, for /health
 
     async def load(self, runs: Mapping, device: str, precision: str | None, on_ready) -> None:
-        """Load the runs that are directories, warm every run up, start the batcher (off the event loop)."""
+        """Load the runs that are directories, warm every run up, start the batcher: all of it on the one
+        inference thread, off the event loop."""
+        executor, loop = inference_thread(), asyncio.get_running_loop()
         try:
             loaded = dict(runs)
             if not all(isinstance(r, ServedRun) for r in loaded.values()):
-                loaded = await asyncio.to_thread(load_runs, runs, device, precision)
-            await asyncio.to_thread(warm_up, loaded, self.limits.max_batch_size)
+                loaded = await loop.run_in_executor(executor, load_runs, runs, device, precision)
+            await loop.run_in_executor(executor, warm_up, loaded, self.limits.max_batch_size)
         except Exception as e:  # a bad run: report it on /health rather than die silently
             self.failure = (str(e).splitlines() or [type(e).__name__])[0]
+            executor.shutdown(wait=False)
             return
         self.runs = loaded
-        self.batcher = Batcher(loaded, self.limits, self.metrics)
+        self.batcher = Batcher(loaded, self.limits, self.metrics, executor)
         self.batcher.start()
         self.ready = True
         if on_ready:
@@ -719,6 +723,23 @@ class ServerState:
                    "x-queue-time": f"{max(now - queued - inference, 0) * 1000:.2f}",
                    "x-inference-time": f"{inference * 1000:.2f}"}  # fmt: skip
         return JSONResponse(answer[0] if parsed.single else answer, headers=headers)
+
+
+def inference_thread() -> ThreadPoolExecutor:
+    """The one thread that runs the server's model work: loading, warm-up and every batch.
+
+    With PyTorch's OpenMP backend every thread that runs a parallel kernel gets a team of worker threads
+    of its own, kept while that thread lives. Two teams on the cores make libgomp stop spinning between
+    kernels, and then each forward pass takes 1.5-2x as long (one MiniLM text: 16-25 ms instead of 8-11
+    on 2 cores, benchmarks/README.md). So the server never runs kernels on a second long-lived thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-inference")
+
+
+def on_passing_thread(fn, *args):
+    """`fn(*args)` on a thread that ends when it returns, taking its OpenMP team with it (see
+    `inference_thread`); its exceptions are raised here."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafit-load") as pool:
+        return pool.submit(fn, *args).result()
 
 
 def warm_up(runs: dict[str, ServedRun], max_batch_size: int) -> None:
@@ -862,7 +883,9 @@ def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.
     # Read by oneDNN when it makes its first kernel, so before loading; the user's own value wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
     os.environ.setdefault("LRU_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))  # ideep's, read at first use
-    runs = load_runs(run_dirs, device=device, precision=precision)
+    # Loaded here, so a bad run fails the command; on a passing thread, as the main thread must not keep
+    # an OpenMP team of its own (inference_thread says why).
+    runs = on_passing_thread(load_runs, run_dirs, device, precision)
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{sock.getsockname()[1]}"
 
