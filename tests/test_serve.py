@@ -318,7 +318,7 @@ def test_loading_warm_up_and_batches_run_on_one_thread_and_serve_loads_on_a_pass
     monkeypatch.setattr(serve_module, "load_runs", refusing_load)
     code, _, err = run_main(["serve", "--run", str(runs["a"]), "--port", str(free_port())], capsys)
     assert code == 2 and "no such run here" in err
-    (_, loader), = threads
+    [(_, loader)] = threads
     assert loader is not threading.main_thread() and not loader.is_alive()
 
 
