@@ -322,6 +322,18 @@ def test_loading_warm_up_and_batches_run_on_one_thread_and_serve_loads_on_a_pass
     assert loader is not threading.main_thread() and not loader.is_alive()
 
 
+def test_what_loading_made_is_frozen_out_of_the_garbage_collectors_full_collections(runs):
+    import gc
+
+    gc.unfreeze()
+    client = started(create_app({"a": runs["a"]}, precision="fp32"))
+    try:
+        assert gc.get_freeze_count() > 1000  # the model's modules and parameters, among others
+    finally:
+        client.__exit__(None, None, None)
+        gc.unfreeze()
+
+
 def test_the_batcher_drops_cancelled_texts_and_keeps_going():
     seen = []
 
