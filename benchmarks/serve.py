@@ -136,7 +136,7 @@ async def closed_loop(
 
     latencies, errors, texts, sent = [], 0, 0, 0
     connected, go = asyncio.Barrier(concurrency + 1), asyncio.Event()
-    clock: dict[str, float] = {}
+    deadline = 0.0  # set once every client is connected
 
     async def client(worker: int) -> None:
         nonlocal errors, texts, sent
@@ -148,7 +148,7 @@ async def closed_loop(
                 pass  # the timed requests count it
             await connected.wait()
             await go.wait()
-            while time.perf_counter() < clock["deadline"] and sent < max_requests:
+            while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
                 body = bodies[k % len(bodies)]
                 k += concurrency
@@ -162,21 +162,18 @@ async def closed_loop(
                 errors += not ok
                 texts += len(body["inputs"]) if isinstance(body["inputs"], list) else 1
 
-    async def timed() -> float:
-        await connected.wait()
-        gc.collect()
-        gc.disable()
-        start = time.perf_counter()
-        clock["deadline"] = start + duration
-        go.set()
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            gc.enable()
-        return time.perf_counter() - start
-
     workers = [asyncio.ensure_future(client(i)) for i in range(concurrency)]
-    seconds = await timed()
+    await connected.wait()
+    gc.collect()
+    gc.disable()
+    start = time.perf_counter()
+    deadline = start + duration
+    go.set()
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        gc.enable()
+    seconds = time.perf_counter() - start
     ms = [x * 1000 for x in latencies]
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": seconds,
             "requests_per_s": len(latencies) / seconds, "texts_per_s": texts / seconds,

@@ -1,7 +1,8 @@
 """Where a loaded `lorafit serve` spends its CPU: one server on a MiniLM run, closed-loop single-text clients
 at one concurrency (benchmarks/serve.py's), and for that window the CPU seconds of the server and of the
-clients, per text, plus the batch sizes and batch times from the server's own /metrics. With `--py-spy`
-(needs `pip install py-spy`) it also records a raw py-spy profile of the server's threads.
+clients, per text (the clients' figure includes opening their connections, which the latency does not
+time), plus the batch sizes and batch times from the server's own /metrics. With `--py-spy` (needs
+`pip install py-spy`) it also records a raw py-spy profile of the server's threads.
 
     python benchmarks/serve_profile.py --run runs/main [--concurrency 32] [--seconds 15] [--py-spy out.txt]
         [-- extra lorafit serve options, e.g. --threads 1]
