@@ -27,7 +27,8 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
                       inference merged, inference_mode, length-sorted batches of 32.
 
-Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 32).
+Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 32), in bf16
+the whole backbone cast to bf16 as `load_classifier` does.
 
   lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
                       (no warm-up: every new batch shape pays its setup, as in a real run).
@@ -228,7 +229,7 @@ def run_lorafit(
 
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import cast_frozen_weights, resolve_precision
+    from lorafit.devices import cast_for_inference, cast_frozen_weights, resolve_precision
     from lorafit.lora import merge_lora
     from lorafit.models.attention import set_kernel
     from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
@@ -288,6 +289,8 @@ def run_lorafit(
 
     model.eval()
     merge_lora(model)
+    if precision == "bf16":  # as `load_classifier` does: the whole backbone in bf16, no autocast
+        cast_for_inference(model)
     test_rows = job["test"]["rows"]
     start = time.perf_counter()
     predict_logits(

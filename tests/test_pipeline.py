@@ -235,6 +235,38 @@ def test_bf16_predictions_agree_with_fp32(tiny_gpt2_config):
     assert fp32.argmax(-1).tolist() == bf16.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_a_backbone_cast_whole_to_bf16_predicts_without_autocast_what_autocast_predicts(
+    tiny_gpt2_config, pooling
+):
+    from lorafit.devices import cast_for_inference, cast_frozen_weights
+    from lorafit.train import predict_logits
+
+    model = _tiny_classifier(tiny_gpt2_config, pooling)
+    rows = [[10, 20, 30, 40], [50, 60], [70, 80, 90, 100, 110], [5] * 40]
+    fp32 = predict_logits(
+        model, rows, pad_id=50256, batch_size=4, device=torch.device("cpu"), precision="fp32"
+    )
+    cast_frozen_weights(model, torch.bfloat16)
+    autocast = predict_logits(
+        model, rows, pad_id=50256, batch_size=4, device=torch.device("cpu"), precision="bf16"
+    )
+    cast_for_inference(model)
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.bfloat16}  # LayerNorms and LoRA too
+    assert model.head.weight.dtype == torch.float32
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    for batch_size in (4, 1):  # packed rows, and one padded row per text
+        whole = predict_logits(
+            model, rows, pad_id=50256, batch_size=batch_size, device=torch.device("cpu"), precision="bf16"
+        )
+        # No autocast: the fp32 head gets fp32 features (an autocast head would have computed in bf16).
+        assert set(seen) == {(torch.float32, torch.float32)}
+        for other in (autocast, fp32):
+            assert (whole.softmax(-1) - other.softmax(-1)).abs().max().item() < 0.02
+            assert whole.argmax(-1).tolist() == other.argmax(-1).tolist()
+
+
 # The bad-option matrix and its real-process cases live in test_bad_input.py.
 
 

@@ -280,6 +280,27 @@ def test_runs_on_one_base_share_its_frozen_tensors(runs):
         client.__exit__(None, None, None)
 
 
+def test_runs_on_one_base_in_bf16_share_it_and_score_as_their_own_classifiers(runs):
+    # bf16 inference casts the whole backbone (LayerNorms too): the shared tensors stay shared.
+    client = started(create_app({"a": runs["a"], "b": runs["b"]}, precision="bf16"))
+    try:
+        state = client.app.state.lorafit
+        models = {name: state.runs[name].classifier.model for name in "ab"}
+        a, b = (dict(models[name].backbone.named_parameters()) for name in "ab")
+        assert {p.dtype for p in [*a.values(), *b.values()]} == {torch.bfloat16}
+        frozen = [n for n, p in a.items() if not p.requires_grad]
+        assert any(".ln" in n for n in frozen) and all(b[n] is a[n] for n in frozen)  # LayerNorms too
+        assert a["blocks.0.attn.query.A"] is not b["blocks.0.attn.query.A"]
+        texts = [SPAM, HAM, "claim now"]
+        for name in "ab":
+            expected = load_classifier(runs[name], device="cpu", precision="bf16", merge=False).predict(texts)
+            answer = client.post(f"/predict/{name}", json={"inputs": texts}).json()
+            for scores, want in zip(answer, expected):
+                assert_same_scores(scores, want)
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_loading_warm_up_and_batches_run_on_one_thread_and_serve_loads_on_a_passing_one(
     runs, monkeypatch, capsys
 ):
@@ -359,7 +380,9 @@ def test_the_batcher_drops_cancelled_texts_and_keeps_going():
 
     first, after = asyncio.run(scenario())
     assert seen == [[1, 3], [13], [7]]
-    assert [float(r[0][0]) for r in first] == [1.0, 3.0] and float(after[0][0]) == 7.0
+    # Each text's result: ((its logits, its probabilities), batch start, batch seconds).
+    assert [r[0][0] for r in first] == [[1.0, 0.0], [3.0, 0.0]] and after[0][0] == [7.0, 0.0]
+    assert first[0][0][1] == pytest.approx(torch.softmax(torch.tensor([1.0, 0.0]), -1).tolist())
 
 
 def test_the_batcher_waits_only_while_a_request_is_on_its_way():

@@ -41,14 +41,15 @@ class SequenceClassifier(nn.Module):
             backbone.lm_head = None  # the classification head replaces the LM head, as in the lab
         self.pooling = pooling
         self.head = nn.Linear(backbone.d_model, num_classes)
+        self.bf16_inference = False  # devices.cast_for_inference: a bf16 backbone run without autocast
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
             last = attention_mask.sum(dim=1) - 1
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        if self.pooling == "mean":  # summed in fp32 (a no-op for an fp32 residual stream)
+            mask = attention_mask.unsqueeze(-1).float()
+            return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         if self.pooling == "cls":
             return hidden[:, 0]
         return self.backbone.pool_cls(hidden)
@@ -60,9 +61,10 @@ class SequenceClassifier(nn.Module):
         real = segments >= 0
         owner, index = segments[real], torch.arange(len(segments), device=segments.device)[real]
         texts = int(owner.max()) + 1
-        if self.pooling == "mean":
-            sums = flat.new_zeros(texts, flat.shape[-1]).index_add_(0, owner, flat[index])
-            return sums / torch.bincount(owner, minlength=texts).unsqueeze(-1).to(flat.dtype)
+        if self.pooling == "mean":  # summed in fp32, as `pool`
+            sums = flat.new_zeros(texts, flat.shape[-1], dtype=torch.float32)
+            sums.index_add_(0, owner, flat[index].float())
+            return sums / torch.bincount(owner, minlength=texts).unsqueeze(-1).float()
         reduce = "amax" if self.pooling == "last" else "amin"  # last token, or the first ([CLS])
         picked = torch.full((texts,), -1, dtype=torch.long, device=flat.device)
         picked = picked.scatter_reduce(0, owner, index, reduce, include_self=False)

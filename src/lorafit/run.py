@@ -31,7 +31,7 @@ from .classifier import (
 )
 from .config import DataOptions, LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
 from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
-from .devices import cast_frozen_weights, resolve_device, resolve_precision
+from .devices import cast_for_inference, cast_frozen_weights, resolve_device, resolve_precision
 from .errors import LorafitError
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
@@ -547,7 +547,7 @@ def load_classifier(
     if lora is not None and merge:
         merge_lora(model)
     if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
+        cast_for_inference(model)
     return Classifier(
         model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision
     )

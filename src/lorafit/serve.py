@@ -241,6 +241,7 @@ def _on_shared_base(first, run_dir: str | os.PathLike, config: dict):
     frozen tensor is the same object as in `first` (nothing copied), with this run's LoRA and head."""
     from .classifier import SequenceClassifier, load_adapter
     from .config import LoRAConfig, config_from_dict
+    from .devices import cast_for_inference
     from .lora import LoRALinear, apply_lora
     from .run import Classifier
 
@@ -257,6 +258,8 @@ def _on_shared_base(first, run_dir: str | os.PathLike, config: dict):
         model = SequenceClassifier(backbone, len(config["labels"]), config["pooling"])
     load_adapter(model, Path(run_dir) / "adapter.safetensors")
     model.eval()
+    if first.model.bf16_inference:  # this run's adapter in bf16 too; the shared tensors are bf16 already
+        cast_for_inference(model)
     return Classifier(
         model, first.tokenizer, config["labels"], config["max_length"], first.device, first.precision
     )
@@ -348,10 +351,15 @@ def _parse_inputs(inputs, max_client_batch: int) -> tuple[list[str], bool]:
     return texts, False
 
 
-def scores(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None) -> list[dict]:
-    """One text's `[{"label", "score"}]`, highest first: softmax probabilities, or the logits when `raw`."""
-    values = logits if raw else torch.softmax(logits.double(), dim=-1)
-    ranked = sorted(zip(labels, values.tolist()), key=lambda pair: -pair[1])
+def batch_scores(logits: torch.Tensor) -> list[tuple[list[float], list[float]]]:
+    """Per text of a batch, its logits and its softmax probabilities (in float64) as Python lists: computed
+    once per batch on the inference thread, so that the event loop only ranks them."""
+    return list(zip(logits.tolist(), torch.softmax(logits.double(), dim=-1).tolist()))
+
+
+def scores(text_scores: tuple[list[float], list[float]], labels: list[str], raw: bool, top_k: int | None):
+    """One text's `[{"label", "score"}]`, highest first: probabilities, or the logits when `raw`."""
+    ranked = sorted(zip(labels, text_scores[0] if raw else text_scores[1]), key=lambda pair: -pair[1])
     return [{"label": label, "score": score} for label, score in ranked[:top_k]]
 
 
@@ -498,8 +506,8 @@ class Batcher:
             self.metrics.queue_seconds.observe(start - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
         try:
-            logits = await asyncio.get_running_loop().run_in_executor(
-                self.executor, run.logits, [item.row for item in batch]
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda rows: batch_scores(run.logits(rows)), [item.row for item in batch]
             )
         except Exception as e:  # only this batch's requests fail; the worker goes on
             reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
@@ -511,9 +519,9 @@ class Batcher:
         self.untrimmed = True
         self.metrics.inference_seconds.labels(name).observe(seconds)
         self.metrics.texts.labels(name).inc(len(batch))
-        for item, row in zip(batch, logits):
+        for item, text_scores in zip(batch, results):
             if not item.future.done():
-                item.future.set_result((row, start, seconds))
+                item.future.set_result((text_scores, start, seconds))
         if time.perf_counter() - self.trimmed_at >= BUSY_TRIM_S:  # after the answers: they do not wait for it
             await self._trim()
 
@@ -722,7 +730,7 @@ class ServerState:
         results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
         # A request's texts may span batches: its inference time is that of each distinct batch, once.
         inference = sum({(begin, seconds): seconds for _, begin, seconds in results}.values())
-        answer = [scores(logits, run.labels, parsed.raw_scores, parsed.top_k) for logits, _, _ in results]
+        answer = [scores(values, run.labels, parsed.raw_scores, parsed.top_k) for values, _, _ in results]
         now = time.perf_counter()
         headers = {"x-total-time": f"{(now - start) * 1000:.2f}",
                    "x-queue-time": f"{max(now - queued - inference, 0) * 1000:.2f}",
