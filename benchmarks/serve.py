@@ -158,8 +158,8 @@ class KeepAliveClient:
         header = await self.reader.readuntil(b"\r\n\r\n")
         lines = header.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-        length = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("content-length")
+        fields = (line.split(":", 1) for line in lines[1:] if ":" in line)
+        length = {k.strip().lower(): v.strip() for k, v in fields}.get("content-length")
         if length is None:
             raise ValueError("an answer without Content-Length")
         await self.reader.readexactly(int(length))
