@@ -18,6 +18,8 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       written-out products (the attention lever off).
   lorafit-longest     the defaults with `--packed-width longest`: packed rows as wide as the batch's longest
                       text instead of the fitted width (the width lever off).
+  lorafit-all-tokens  the defaults with GPT-2's last block run for every token instead of each text's last
+                      token alone (`SequenceClassifier.select_last_tokens = False`: the last-token lever off).
   lorafit-no-packing  the same batches with `--no-packing`: each padded to its own longest text (the default
                       before packing).
   lorafit-checkpointing the same with `--activation-checkpointing` (block activations recomputed in the
@@ -218,6 +220,7 @@ def run_lorafit(
     full_epoch: bool = False,
     attention: str = "auto",
     packed_width: str = "fit",
+    select_last_tokens: bool = True,
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -245,6 +248,7 @@ def run_lorafit(
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
     model.backbone.activation_checkpointing = activation_checkpointing
+    model.select_last_tokens = select_last_tokens
     config = resolve_train_config(
         TrainConfig(
             epochs=1,
@@ -436,6 +440,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packed_width="longest"),
         "label": "lorafit --packed-width longest ({precision})",
+    },
+    "lorafit-all-tokens": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", select_last_tokens=False),
+        "label": "lorafit, GPT-2's last block for every token ({precision})",
     },
     "lorafit-no-packing": {
         "needs": [],

@@ -174,3 +174,27 @@ def test_cli_packing_and_no_bucketing_conflict(tiny_gpt2_dir, sms_file, tmp_path
     )  # fmt: skip
     assert code != 0
     assert "--packing and --no-bucketing exclude each other" in err
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_last_block_for_the_last_tokens_alone_gives_every_tokens_logits_loss_and_gradients(
+    layout, tiny_gpt2_config
+):
+    model = _classifier("gpt2", "last", tiny_gpt2_config).eval()  # no dropout; gradients still flow
+    inputs = collate(ROWS, 0) if layout == "padded" else packed(ROWS)
+    targets = torch.tensor([0, 1, 1, 0])
+    results = []
+    for select in (True, False):
+        model.select_last_tokens = select
+        assert model.selects_last_tokens() is select
+        logits = model(*inputs)
+        loss = F.cross_entropy(logits, targets)
+        results.append(
+            (logits, loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+        )
+    (selected, selected_loss, selected_grads), (full, full_loss, full_grads) = results
+    torch.testing.assert_close(selected, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(selected_loss, full_loss, rtol=1e-5, atol=1e-7)
+    assert len(selected_grads) == len(full_grads) and all(g.abs().sum() > 0 for g in full_grads[-4:])
+    for a, b in zip(selected_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

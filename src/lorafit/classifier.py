@@ -16,6 +16,7 @@ from torch import nn
 from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
 from .errors import LorafitError
 from .lora import ParameterCount, apply_lora, count_parameters
+from .models.gpt2 import GPT2
 
 POOLINGS = ("last", "mean", "cls", "pooler")
 MINILM = "minilm-l6"
@@ -42,11 +43,18 @@ class SequenceClassifier(nn.Module):
         self.pooling = pooling
         self.head = nn.Linear(backbone.d_model, num_classes)
         self.bf16_inference = False  # devices.cast_for_inference: a bf16 backbone run without autocast
+        # GPT-2 + `last` pooling: run the last block for the pooled tokens only (`selects_last_tokens`);
+        # False runs it for every token, to measure or check the lever.
+        self.select_last_tokens = True
+
+    def selects_last_tokens(self) -> bool:
+        """Whether GPT-2's last block runs for each text's last token alone (`GPT2.hidden_states`'s
+        `select`): exact for `last` pooling, since no other position of the last block reaches the head."""
+        return self.pooling == "last" and self.select_last_tokens and isinstance(self.backbone, GPT2)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last":
-            last = attention_mask.sum(dim=1) - 1
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return hidden.reshape(-1, hidden.shape[-1])[last_token_index(attention_mask)]
         if self.pooling == "mean":  # summed in fp32 (a no-op for an fp32 residual stream)
             mask = attention_mask.unsqueeze(-1).float()
             return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -65,9 +73,7 @@ class SequenceClassifier(nn.Module):
             sums = flat.new_zeros(texts, flat.shape[-1], dtype=torch.float32)
             sums.index_add_(0, owner, flat[index].float())
             return sums / torch.bincount(owner, minlength=texts).unsqueeze(-1).float()
-        reduce = "amax" if self.pooling == "last" else "amin"  # last token, or the first ([CLS])
-        picked = torch.full((texts,), -1, dtype=torch.long, device=flat.device)
-        picked = picked.scatter_reduce(0, owner, index, reduce, include_self=False)
+        picked = packed_token_index(segments, "last" if self.pooling == "last" else "first")
         if self.pooling == "pooler":
             return self.backbone.pool_cls(flat[picked].unsqueeze(1))
         return flat[picked]
@@ -81,6 +87,14 @@ class SequenceClassifier(nn.Module):
     ) -> torch.Tensor:
         """Logits (texts × classes): of padded rows with their `attention_mask`, or of packed rows with
         their `positions` and `segments` (`batching.collate_packed`)."""
+        if self.selects_last_tokens():
+            last = (
+                packed_token_index(segments, "last")
+                if segments is not None
+                else last_token_index(attention_mask)
+            )
+            hidden = self.backbone.hidden_states(input_ids, attention_mask, positions, segments, select=last)
+            return self.head(hidden.float())
         if segments is not None:
             hidden = self.backbone.hidden_states(input_ids, positions=positions, segments=segments)
             return self.head(self.pool_packed(hidden, segments).float())
@@ -88,6 +102,22 @@ class SequenceClassifier(nn.Module):
         pooled = self.pool(hidden, attention_mask)
         # Only the pooled rows go through the head, in fp32 (it is trainable and tiny).
         return self.head(pooled.float())
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into batch × seq) of each right-padded row's last token."""
+    rows, width = attention_mask.shape
+    return torch.arange(rows, device=attention_mask.device) * width + attention_mask.sum(dim=1) - 1
+
+
+def packed_token_index(segments: torch.Tensor, which: str) -> torch.Tensor:
+    """Flat indices (into rows × width) of each packed text's `last` or `first` token, in the texts' order
+    (`batching.collate_packed`'s segments: the text's number, -1 for padding)."""
+    segments = segments.reshape(-1)
+    real = segments >= 0
+    owner, index = segments[real], torch.arange(len(segments), device=segments.device)[real]
+    picked = torch.full((int(owner.max()) + 1,), -1, dtype=torch.long, device=segments.device)
+    return picked.scatter_reduce(0, owner, index, "amax" if which == "last" else "amin", include_self=False)
 
 
 @dataclass

@@ -33,28 +33,47 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`mask`: a boolean (batch or 1) × 1 × seq × seq mask of allowed keys that already includes
-        causality (see `GPT2.hidden_states`), or None for plain causal attention."""
+        causality (see `GPT2.hidden_states`), or None for plain causal attention. `select`: flat indices
+        into batch × seq of the only queries to compute (see `GPT2.hidden_states`); the output is then
+        len(select) × d_model."""
         b, t, d = x.shape
         h = self.n_head
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, h, d // h).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        k, v = heads(self.key(x)), heads(self.value(x))
         dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, dropout, causal=mask is None)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        if select is None:
+            y = attention(heads(self.query(x)), k, v, mask, dropout, causal=mask is None)
+            return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        rows, cols = select // t, select % t
+        q = self.query(x.reshape(b * t, d)[select]).view(len(select), h, 1, d // h)
+        y = attention(q, k[rows], v[rows], selected_keys(mask, rows, cols, t), dropout)
+        return self.out_proj(y.reshape(len(select), d))
 
 
-def run_block(block: nn.Module, x: torch.Tensor, mask, checkpointed: bool) -> torch.Tensor:
-    """`block(x, mask)`, or the same under activation checkpointing when `checkpointed` and gradients
-    are on: only the block's input is kept, its inner activations are recomputed in the backward pass
-    (with the same dropout masks: checkpoint restores the RNG state)."""
+def selected_keys(mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor, t: int) -> torch.Tensor:
+    """The keys that the queries at (rows, cols) may see, as a queries × 1 × 1 × seq boolean mask: their
+    rows of `mask` (batch or 1 × 1 × seq × seq), or with no mask the causal ones (at or before each)."""
+    if mask is None:
+        keep = torch.arange(t, device=cols.device)[None, :] <= cols[:, None]
+    else:
+        keep = mask[rows if mask.shape[0] > 1 else torch.zeros_like(rows), 0, cols]
+    return keep[:, None, None, :]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, mask, checkpointed: bool, *select) -> torch.Tensor:
+    """`block(x, mask, *select)`, or the same under activation checkpointing when `checkpointed` and
+    gradients are on: only the block's input is kept, its inner activations are recomputed in the backward
+    pass (with the same dropout masks: checkpoint restores the RNG state)."""
     if checkpointed and torch.is_grad_enabled():
-        return checkpoint(block, x, mask, use_reentrant=False)
-    return block(x, mask)
+        return checkpoint(block, x, mask, *select, use_reentrant=False)
+    return block(x, mask, *select)
 
 
 class MLP(nn.Module):
@@ -76,8 +95,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), mask))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block's output, batch × seq × d_model; with `select` (flat indices into batch × seq) only
+        at those positions, len(select) × d_model: every token still gives its key and value."""
+        residual = x if select is None else x.reshape(-1, x.shape[-1])[select]
+        x = residual + self.dropout(self.attn(self.ln1(x), mask, select))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
 
@@ -121,12 +145,16 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (post `ln_f`) hidden states, batch × seq × d_model.
 
         `attention_mask` (batch × seq, 1 = token) marks padding. `positions` and `segments` instead
         describe packed rows (`batching.collate_packed`): several texts per row, each with its own
-        positions, attending only within itself."""
+        positions, attending only within itself. `select` (flat indices into batch × seq) asks for the
+        hidden states at those positions only, len(select) × d_model: the last block then computes its
+        queries, attention output and MLP for them alone (causal attention makes this exact; a classifier
+        that pools the last token needs one position per text, which saves ~7 % of GPT-2 124M's work)."""
         t = input_ids.shape[1]
         longest = t if positions is None else int(positions.max()) + 1
         if longest > self.config.context_length:
@@ -148,8 +176,12 @@ class GPT2(nn.Module):
         # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum, the residual stream,
         # stays in the position table's dtype.
         x = self.drop(self.wte(input_ids).to(self.wpe.weight.dtype) + self.wpe(positions))
-        for block in self.blocks:
-            x = run_block(block, x, mask, self.activation_checkpointing and self.training)
+        checkpointed = self.activation_checkpointing and self.training
+        last = len(self.blocks) - 1 if select is not None else len(self.blocks)
+        for block in self.blocks[:last]:
+            x = run_block(block, x, mask, checkpointed)
+        if select is not None:
+            x = run_block(self.blocks[last], x, mask, checkpointed, select)
         return self.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
