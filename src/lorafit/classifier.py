@@ -66,11 +66,11 @@ class SequenceClassifier(nn.Module):
     def pool_packed(self, hidden: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """`pool` for packed rows (`batching.collate_packed`): one vector per text, in the texts' order."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        segments = segments.reshape(-1)
-        real = segments >= 0
-        owner, index = segments[real], torch.arange(len(segments), device=segments.device)[real]
-        texts = int(owner.max()) + 1
         if self.pooling == "mean":  # summed in fp32, as `pool`
+            segments = segments.reshape(-1)
+            real = segments >= 0
+            owner, index = segments[real], torch.arange(len(segments), device=segments.device)[real]
+            texts = int(owner.max()) + 1
             sums = flat.new_zeros(texts, flat.shape[-1], dtype=torch.float32)
             sums.index_add_(0, owner, flat[index].float())
             return sums / torch.bincount(owner, minlength=texts).unsqueeze(-1).float()

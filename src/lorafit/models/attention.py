@@ -58,8 +58,9 @@ def attention(
 
     `keep` is a boolean mask of the keys each query may see, broadcastable to batch × 1 × seq × seq
     (already causal where that applies), or a float bias added to the scores (broadcastable to batch ×
-    heads × seq × seq), or None: every key, or with `causal` the keys at or before the query. A masked-out key adds the dtype's most negative number rather than -inf, so a query that
-    may see no key at all attends uniformly instead of giving NaN (as Hugging Face's models do).
+    heads × seq × seq), or None: every key, or with `causal` the keys at or before the query. A masked-out
+    key adds the dtype's most negative number rather than -inf, so a query that may see no key at all
+    attends uniformly instead of giving NaN (as Hugging Face's models do).
     """
     bias = None
     if keep is not None and keep.is_floating_point():  # already an additive bias (MPNet's positions)

@@ -240,8 +240,9 @@ class Bert(nn.Module):
         model = cls(config, pooler="pooler.weight" in state_dict)
         for name, param in model.state_dict().items():
             if state_dict[name].shape != param.shape:
+                hf_name = _to_hf_name(name, config.model_type)
                 raise LorafitError(
-                    f"{weights_file}: tensor '{_to_hf_name(name, config.model_type)}' has shape {tuple(state_dict[name].shape)}, "
+                    f"{weights_file}: tensor '{hf_name}' has shape {tuple(state_dict[name].shape)}, "
                     f"expected {tuple(param.shape)} from the config"
                 )
         model.load_state_dict(state_dict)  # copies (and casts, e.g. fp16 -> fp32) into the parameters
