@@ -89,13 +89,16 @@ def scores(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "count")}
 
 
-def run_lorafit(files: dict, seed: int, out: Path, precision: str) -> dict:
-    """One `train_run` with the minilm-l6 defaults on the data set's own splits."""
+def run_lorafit(
+    files: dict, seed: int, out: Path, precision: str, model: str = "minilm-l6", epochs: int | None = None
+) -> dict:
+    """One `train_run` with lorafit's defaults for `model` (minilm-l6 unless told) on the data set's own
+    splits; `epochs` overrides the default number of epochs."""
     from lorafit.config import DataOptions, TrainConfig
     from lorafit.run import RunOptions, evaluate_run, train_run
 
-    options = RunOptions(model="minilm-l6", train=TrainConfig(seed=seed, precision=precision),
-                         data=data_options(files), out=str(out), examples=0)  # fmt: skip
+    train = TrainConfig(seed=seed, precision=precision, epochs=epochs)
+    options = RunOptions(model=model, train=train, data=data_options(files), out=str(out), examples=0)
     start = time.perf_counter()
     run_dir = train_run(options, log=lambda *a, **k: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -268,6 +271,17 @@ def main() -> None:
     parser.add_argument("--hf-seeds", default="1", help='seeds of the HF + PEFT rows ("": none)')
     parser.add_argument("--systems", default="lorafit,tfidf,hf-peft")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument(
+        "--model",
+        default="minilm-l6",
+        help="backbone of the lorafit rows (another one is a row of its own, e.g. mpnet-base)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of the lorafit rows (default: lorafit's; another count is a row of its own)",
+    )
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
@@ -285,14 +299,18 @@ def main() -> None:
     for name in names:
         files = dataset_files(name, Path(args.data_root), out / "datasets")
         rows = results.setdefault(name, {})
-        jobs = [("lorafit", s) for s in args.seeds.split(",") if s and "lorafit" in systems]
+        lorafit = "lorafit" + "".join(f" {v}" for v in (
+            args.model if args.model != "minilm-l6" else None,
+            f"{args.epochs} epochs" if args.epochs else None) if v)  # fmt: skip
+        jobs = [(lorafit, s) for s in args.seeds.split(",") if s and "lorafit" in systems]
         jobs += [("tfidf", None)] if "tfidf" in systems else []
         jobs += [("hf-peft", s) for s in args.hf_seeds.split(",") if s and "hf-peft" in systems]
         for system, seed in jobs:
             key = f"{system} seed {seed}" if seed else system
             print(f"[{name}] {key} ...", flush=True)
-            if system == "lorafit":
-                row = run_lorafit(files, int(seed), out / "datasets" / f"{name}-lorafit-{seed}", precision)
+            if system.startswith("lorafit"):
+                run_out = out / "datasets" / f"{name}-{system.replace(' ', '-')}-{seed}"
+                row = run_lorafit(files, int(seed), run_out, precision, args.model, args.epochs)
             elif system == "tfidf":
                 row = run_tfidf(files)
             else:

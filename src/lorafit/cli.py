@@ -44,7 +44,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="minilm-l6",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, minilm-l6 (all-MiniLM-L6-v2, packaged, offline), "
-                        "mpnet-base (all-mpnet-base-v2, packaged, offline: 5x MiniLM's work per token, see "
+                        "mpnet-base (all-mpnet-base-v2, packaged, offline: about 8x MiniLM's work per token, see "
                         "docs/models.md), or a local HF directory whose config.json says gpt2, bert or mpnet "
                         "(default: minilm-l6)")  # fmt: skip
     g.add_argument("--weights", default="pretrained",
