@@ -4,6 +4,7 @@ backbone and recipe, each given the data set's own train / validation / test fil
 `--data TRAIN --val-data DEV --test-data TEST`).
 
     python benchmarks/datasets.py --datasets all [--seeds 1,2,3] [--hf-seeds 1] [--data-root ../shared/data]
+        [--model mpnet-base] [--epochs N]
 
 Data sets (../shared/data, see its DATASETS.md):
   youtube_spam  train / dev / test as published (the Snorkel tutorial's split).
@@ -299,9 +300,9 @@ def main() -> None:
     for name in names:
         files = dataset_files(name, Path(args.data_root), out / "datasets")
         rows = results.setdefault(name, {})
-        lorafit = "lorafit" + "".join(f" {v}" for v in (
-            args.model if args.model != "minilm-l6" else None,
-            f"{args.epochs} epochs" if args.epochs else None) if v)  # fmt: skip
+        lorafit = "lorafit"  # a non-default backbone or epoch count is a row of its own
+        lorafit += f" {args.model}" if args.model != "minilm-l6" else ""
+        lorafit += f" {args.epochs} epochs" if args.epochs else ""
         jobs = [(lorafit, s) for s in args.seeds.split(",") if s and "lorafit" in systems]
         jobs += [("tfidf", None)] if "tfidf" in systems else []
         jobs += [("hf-peft", s) for s in args.hf_seeds.split(",") if s and "hf-peft" in systems]
