@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from lorafit.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 DATA_SEED = 123
+DEFAULT_MODEL = "minilm-l6"  # the lorafit rows' backbone unless --model says otherwise
 SST2_SAMPLE = 20_000
 PUBLISHED = {
     "youtube_spam": "TF-IDF + linear SVM 95.3 %, LSTM 95.7 % (10-fold CV on the whole collection)",
@@ -91,7 +92,7 @@ def scores(metrics: dict) -> dict:
 
 
 def run_lorafit(
-    files: dict, seed: int, out: Path, precision: str, model: str = "minilm-l6", epochs: int | None = None
+    files: dict, seed: int, out: Path, precision: str, model: str = DEFAULT_MODEL, epochs: int | None = None
 ) -> dict:
     """One `train_run` with lorafit's defaults for `model` (minilm-l6 unless told) on the data set's own
     splits; `epochs` overrides the default number of epochs."""
@@ -274,7 +275,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument(
         "--model",
-        default="minilm-l6",
+        default=DEFAULT_MODEL,
         help="backbone of the lorafit rows (another one is a row of its own, e.g. mpnet-base)",
     )
     parser.add_argument(
@@ -301,7 +302,7 @@ def main() -> None:
         files = dataset_files(name, Path(args.data_root), out / "datasets")
         rows = results.setdefault(name, {})
         lorafit = "lorafit"  # a non-default backbone or epoch count is a row of its own
-        lorafit += f" {args.model}" if args.model != "minilm-l6" else ""
+        lorafit += f" {args.model}" if args.model != DEFAULT_MODEL else ""
         lorafit += f" {args.epochs} epochs" if args.epochs else ""
         jobs = [(lorafit, s) for s in args.seeds.split(",") if s and "lorafit" in systems]
         jobs += [("tfidf", None)] if "tfidf" in systems else []
