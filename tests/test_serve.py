@@ -457,6 +457,9 @@ def test_under_constant_load_the_batcher_trims_once_its_busy_trim_interval_has_p
         batcher = started_zero_batcher()
         for i in range(30):  # back to back: each answer arrives before its batch's trim runs
             await asyncio.wait_for(batcher.submit("r", [[i]])[0], 3)
+        # The last batch's trim is queued in the worker thread by now; stopping cancels a queued call, so
+        # first let the worker drain (its one thread runs calls in order).
+        await asyncio.get_running_loop().run_in_executor(batcher.executor, lambda: None)
         await batcher.stop()
 
     asyncio.run(scenario())
