@@ -120,10 +120,17 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    kind = "bf16-avx512" if cpu_has_fast_bf16() and precision == "bf16" else precision
-    path = Path(args.out) / f"profile-{kind}-epyc.txt"
+    path = Path(args.out) / f"profile-{precision}-{cpu_kind()}.txt"
     path.write_text(text + "\n")
     print(f"Wrote {path}")
+
+
+def cpu_kind() -> str:
+    """A file-name tag for this CPU: amx, avx512 (AVX-512 BF16) or plain, and the vendor's family."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    units = "amx" if "amx_bf16" in info else "avx512" if "avx512_bf16" in info else "plain"
+    family = "epyc" if "AMD" in info else "xeon" if "Intel" in info else "cpu"
+    return f"{units}-{family}"
 
 
 if __name__ == "__main__":

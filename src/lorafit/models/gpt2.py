@@ -42,6 +42,8 @@ class CausalSelfAttention(nn.Module):
         len(select) × d_model."""
         b, t, d = x.shape
         h = self.n_head
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # once for query, key and value, not thrice
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, h, d // h).transpose(1, 2)
