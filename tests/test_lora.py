@@ -56,6 +56,73 @@ def test_lora_forward_under_bf16_autocast_and_with_bf16_base():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_lora_gradients_under_bf16_autocast_match_the_fp32_path(tiny_gpt2_config):
+    """The speed levers of the bf16 step (one cast of each LoRA input and of attention's input, frozen
+    linears stored in bf16) leave the loss and the LoRA gradients of a GPT-2 step what fp32 computes, to
+    bf16's precision; and they do change the autocast path (the input is cast once, not per product)."""
+    import copy
+
+    from lorafit.devices import cast_frozen_weights
+
+    torch.manual_seed(0)
+    model = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=4, alpha=8))
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            nn.init.normal_(module.B, std=0.05)
+    fast = copy.deepcopy(model)
+    cast_frozen_weights(fast, torch.bfloat16)
+    ids = torch.randint(0, 50257, (3, 11))
+    exact = model(ids).float().square().mean()
+    exact.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fast(ids).float().square().mean()
+    loss.backward()
+    torch.testing.assert_close(loss, exact, rtol=0.02, atol=0)
+    pairs = [(a, b) for a, b in zip(model.parameters(), fast.parameters(), strict=True) if a.requires_grad]
+    assert len(pairs) == 2 * 6 * tiny_gpt2_config.n_layer
+    for reference, got in pairs:
+        assert got.grad.dtype == torch.float32
+        # bf16's 8-bit mantissa through two blocks and the tied 50k-word head: 4.7 % median, 7.1 % worst
+        # here, the same to 0.03 points before the levers existed (measured); a lost gradient would be 100 %.
+        error = (got.grad - reference.grad).norm() / reference.grad.norm()
+        assert error < 0.1, error
+    layer = fast.blocks[0].mlp.fc
+    x = torch.randn(2, 5, tiny_gpt2_config.d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile(record_shapes=True) as trace:
+        layer(x)
+    casts = [
+        e
+        for e in trace.events()
+        if e.name == "aten::_to_copy" and e.input_shapes[:1] in ([[2, 5, 32]], [[10, 32]])
+    ]
+    assert len(casts) == 1  # of x (both products use it); the adapter's own A and B are cast once each
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_foreach_one():
+    from lorafit.config import TrainConfig, resolve_train_config
+    from lorafit.train import make_optimizer
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(4))]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.1), "gpt2")
+    fused, _ = make_optimizer([("a", params[0]), ("b", params[1])], config, train_rows=16)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(
+        [{"params": [twins[0]], "weight_decay": 0.1}, {"params": [twins[1]], "weight_decay": 0.0}],
+        lr=1e-3,
+        foreach=True,
+    )
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, t, g in zip(params, twins, grads, strict=True):
+            p.grad, t.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, t in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-7)
+
+
 def test_merge_unmerge_agree(tiny_gpt2_config):
     torch.manual_seed(0)
     model = apply_lora(GPT2(tiny_gpt2_config), LoRAConfig(rank=4, alpha=8))

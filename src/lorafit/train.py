@@ -227,7 +227,9 @@ class TrainState:
 
 def fused_or_foreach(params: list[nn.Parameter]) -> dict:
     """AdamW's `fused=True` where its kernel exists for every parameter's device and dtype, else `foreach`."""
-    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    fusable = all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params
+    )
     return {"fused": True} if fusable else {"foreach": True}
 
 
