@@ -4,7 +4,7 @@ backbone and recipe, each given the data set's own train / validation / test fil
 `--data TRAIN --val-data DEV --test-data TEST`).
 
     python benchmarks/datasets.py --datasets all [--seeds 1,2,3] [--hf-seeds 1] [--data-root ../shared/data]
-        [--model mpnet-base] [--epochs N]
+        [--model mpnet-base] [--epochs N] [--lr LR]
 
 Data sets (../shared/data, see its DATASETS.md):
   youtube_spam  train / dev / test as published (the Snorkel tutorial's split).
@@ -92,14 +92,20 @@ def scores(metrics: dict) -> dict:
 
 
 def run_lorafit(
-    files: dict, seed: int, out: Path, precision: str, model: str = DEFAULT_MODEL, epochs: int | None = None
+    files: dict,
+    seed: int,
+    out: Path,
+    precision: str,
+    model: str = DEFAULT_MODEL,
+    epochs: int | None = None,
+    lr: float | None = None,
 ) -> dict:
     """One `train_run` with lorafit's defaults for `model` (minilm-l6 unless told) on the data set's own
-    splits; `epochs` overrides the default number of epochs."""
+    splits; `epochs` and `lr` override the defaults."""
     from lorafit.config import DataOptions, TrainConfig
     from lorafit.run import RunOptions, evaluate_run, train_run
 
-    train = TrainConfig(seed=seed, precision=precision, epochs=epochs)
+    train = TrainConfig(seed=seed, precision=precision, epochs=epochs, lr=lr)
     options = RunOptions(model=model, train=train, data=data_options(files), out=str(out), examples=0)
     start = time.perf_counter()
     run_dir = train_run(options, log=lambda *a, **k: None)
@@ -284,6 +290,12 @@ def main() -> None:
         default=None,
         help="epochs of the lorafit rows (default: lorafit's; another count is a row of its own)",
     )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the lorafit rows (default: lorafit's; another one is a row of its own)",
+    )
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
@@ -304,6 +316,7 @@ def main() -> None:
         lorafit = "lorafit"  # a non-default backbone or epoch count is a row of its own
         lorafit += f" {args.model}" if args.model != DEFAULT_MODEL else ""
         lorafit += f" {args.epochs} epochs" if args.epochs else ""
+        lorafit += f" lr {args.lr:g}" if args.lr else ""
         jobs = [(lorafit, s) for s in args.seeds.split(",") if s and "lorafit" in systems]
         jobs += [("tfidf", None)] if "tfidf" in systems else []
         jobs += [("hf-peft", s) for s in args.hf_seeds.split(",") if s and "hf-peft" in systems]
@@ -312,7 +325,7 @@ def main() -> None:
             print(f"[{name}] {key} ...", flush=True)
             if system.startswith("lorafit"):
                 run_out = out / "datasets" / f"{name}-{system.replace(' ', '-')}-{seed}"
-                row = run_lorafit(files, int(seed), run_out, precision, args.model, args.epochs)
+                row = run_lorafit(files, int(seed), run_out, precision, args.model, args.epochs, args.lr)
             elif system == "tfidf":
                 row = run_tfidf(files)
             else:
