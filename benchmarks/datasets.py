@@ -313,7 +313,7 @@ def main() -> None:
     for name in names:
         files = dataset_files(name, Path(args.data_root), out / "datasets")
         rows = results.setdefault(name, {})
-        lorafit = "lorafit"  # a non-default backbone or epoch count is a row of its own
+        lorafit = "lorafit"  # a non-default backbone, epoch count or lr is a row of its own
         lorafit += f" {args.model}" if args.model != DEFAULT_MODEL else ""
         lorafit += f" {args.epochs} epochs" if args.epochs else ""
         lorafit += f" lr {args.lr:g}" if args.lr else ""

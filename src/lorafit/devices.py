@@ -59,6 +59,15 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """`x` in autocast's dtype while autocast is on (else unchanged): cast once where several products
+    share an input, since autocast casts it again for each (profiled on an AMX CPU: the casts were 7 % of
+    a GPT-2 124M bf16 training step)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Store the frozen linear weights and the frozen token-embedding tables (GPT-2's `wte`, BERT's
     `word_embeddings`: a third of GPT-2 small) in `dtype`. bf16 halves their memory and skips a cast per

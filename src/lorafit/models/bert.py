@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lorafit.batching import segment_mask
 from lorafit.config import BertConfig, config_from_dict
+from lorafit.devices import to_autocast_dtype
 from lorafit.errors import LorafitError
 from lorafit.models.attention import attention
 from lorafit.models.gpt2 import run_block
@@ -97,8 +98,7 @@ class SelfAttention(nn.Module):
         """`keep` is a boolean mask of the keys to attend to, (batch, 1, 1, seq) for padding or
         (rows, 1, seq, seq) for packed rows, or None for all."""
         B, T, C = x.shape
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # once for query, key and value, not thrice
+        x = to_autocast_dtype(x)  # once for query, key and value, not thrice
         # Call the projections as modules (never touch .weight): LoRA swaps them for wrappers.
         q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)

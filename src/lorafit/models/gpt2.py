@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..batching import segment_mask
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
+from ..devices import to_autocast_dtype
 from ..errors import LorafitError
 from .attention import attention
 
@@ -42,8 +43,7 @@ class CausalSelfAttention(nn.Module):
         len(select) × d_model."""
         b, t, d = x.shape
         h = self.n_head
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # once for query, key and value, not thrice
+        x = to_autocast_dtype(x)  # once for query, key and value, not thrice
 
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, h, d // h).transpose(1, 2)
