@@ -26,7 +26,7 @@ def main() -> None:
     from lorafit.batching import collate_packed, packed_width, sorted_batches
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import autocast, cast_frozen_weights, cpu_has_fast_bf16, resolve_precision
+    from lorafit.devices import autocast, cast_frozen_weights, cpu_bf16_verdict, resolve_precision
     from lorafit.lora import merge_lora
     from lorafit.models.attention import set_kernel
     from lorafit.train import (
@@ -102,7 +102,7 @@ def main() -> None:
     n = speed.frozen_linear_parameters(speed.GPT2_124M)
     infer_tokens = sum(len(r) for r in rows)
     lines = [
-        f"lorafit GPT-2 124M, LoRA r8, {precision}, {args.threads} threads; fast bf16: {cpu_has_fast_bf16()}; "
+        f"lorafit GPT-2 124M, LoRA r8, {precision}, {args.threads} threads; {cpu_bf16_verdict()[1]}; "
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} bf16",
         f"training: {args.steps} packed batches of 8, {tokens} real tokens ({1 - tokens / cells:.1%} padding) in {train_seconds:.2f} s = "
         f"{train_seconds / args.steps * 1000:.0f} ms/step; 4·N·T at {4 * n * tokens / train_seconds / 1e9:,.0f} GFLOP/s "

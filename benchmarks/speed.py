@@ -643,7 +643,7 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
 def parent_main(args: argparse.Namespace) -> None:
     import torch
 
-    from lorafit.devices import cpu_has_fast_bf16
+    from lorafit.devices import cpu_bf16_verdict, cpu_has_fast_bf16
 
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     if not Path(args.data).is_file():
@@ -678,7 +678,7 @@ def parent_main(args: argparse.Namespace) -> None:
     peak = matmul_peak(args.threads)
     print(
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads, fast bf16 (AVX-512 BF16 / AMX): {'yes' if cpu_has_fast_bf16() else 'no'}; "
+        f"{args.threads} threads, fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'} ({cpu_bf16_verdict()[1]}); "
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16"
     )
 
@@ -784,6 +784,7 @@ def parent_main(args: argparse.Namespace) -> None:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "fast_bf16": cpu_has_fast_bf16(),
+            "bf16_verdict": cpu_bf16_verdict()[1],
             "matmul_peak_gflops": peak,
         },
         "systems": {

@@ -406,13 +406,54 @@ def test_activation_checkpointing_gives_the_same_gradients(family, tiny_gpt2_con
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith(".A"))
 
 
-def test_auto_precision_says_why_it_chose_fp32(tiny_gpt2_dir, sms_file, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def fresh_bf16_verdict():
+    """`cpu_bf16_verdict` is measured once per process: clear it around a test that fakes what it sees."""
     import lorafit.devices
 
-    monkeypatch.setattr(lorafit.devices, "cpu_has_fast_bf16", lambda: False)
+    lorafit.devices.cpu_bf16_verdict.cache_clear()
+    yield lorafit.devices
+    lorafit.devices.cpu_bf16_verdict.cache_clear()
+
+
+def test_auto_precision_says_why_it_chose_fp32(
+    tiny_gpt2_dir, sms_file, tmp_path, capsys, monkeypatch, fresh_bf16_verdict
+):
+    monkeypatch.setattr(fresh_bf16_verdict, "cpu_bf16_flags", lambda: False)
     train_tiny(tiny_gpt2_dir, sms_file, tmp_path / "run", "--precision", "auto", "--epochs", "1")
     printed = capsys.readouterr().out
     assert "precision: fp32 (this CPU has no fast bf16: no AVX-512 BF16 / AMX)" in printed
+
+
+@pytest.mark.parametrize("speedup, expected", [(0.61, "fp32"), (1.49, "fp32"), (1.5, "bf16"), (4.2, "bf16")])
+def test_auto_precision_takes_bf16_only_where_its_products_measure_fast(
+    speedup, expected, monkeypatch, fresh_bf16_verdict
+):
+    """A hypervisor can expose AVX-512 BF16 without AMX: there bf16 products ran 0.6x fp32's speed, so the
+    flags alone must not pick bf16."""
+    devices = fresh_bf16_verdict
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: True)
+    monkeypatch.setattr(devices, "bf16_matmul_speedup", lambda: speedup)
+    assert devices.resolve_precision("auto", torch.device("cpu")) == expected
+    assert devices.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: never overridden
+    if expected == "fp32":
+        assert f"bf16 products ran {speedup:.2f}x fp32's speed" in devices.cpu_bf16_verdict()[1]
+
+
+def test_the_bf16_speedup_is_measured_here(monkeypatch, fresh_bf16_verdict):
+    """The measurement runs real products (both dtypes timed; not a constant) and no flags, no measuring."""
+    devices = fresh_bf16_verdict
+    calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, w: calls.append(x.dtype) or real_linear(x, w)
+    )
+    speedup = devices.bf16_matmul_speedup(rows=32, width=64, repeats=3)
+    assert 0 < speedup < float("inf")
+    assert calls.count(torch.float32) == calls.count(torch.bfloat16) == 5
+    calls.clear()
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: False)
+    assert devices.cpu_bf16_verdict()[0] is False and calls == []
 
 
 def test_ema_validates_keeps_and_returns_the_moving_average(tiny_gpt2_config):

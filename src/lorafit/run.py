@@ -31,7 +31,13 @@ from .classifier import (
 )
 from .config import DataOptions, LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
 from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
-from .devices import cast_for_inference, cast_frozen_weights, resolve_device, resolve_precision
+from .devices import (
+    cast_for_inference,
+    cast_frozen_weights,
+    cpu_bf16_verdict,
+    resolve_device,
+    resolve_precision,
+)
 from .errors import LorafitError
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
@@ -288,7 +294,7 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
         batching = f"length-bucketed, {mixing}, {layout}"
     why = ""
     if config.precision == "auto" and setup.precision == "fp32" and setup.device.type == "cpu":
-        why = " (this CPU has no fast bf16: no AVX-512 BF16 / AMX)"
+        why = f" ({cpu_bf16_verdict()[1]})"
     weights = (
         f" | class weights: {', '.join(f'{w:.3g}' for w in config.class_weights)}"
         if config.class_weights
