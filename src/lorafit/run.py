@@ -190,7 +190,8 @@ def resolve_setup(options: RunOptions, log) -> RunSetup:
     else:
         device = resolve_device(train_config.device)
     seed = options.data.seed if options.data.seed is not None else train_config.seed
-    precision = resolve_precision(train_config.precision, device)
+    # `auto` times bf16 against fp32 on each rank; rank 0's choice holds for all, so they never differ.
+    precision = distributed.broadcast(resolve_precision(train_config.precision, device))
     pooling = options.pooling or default_pooling(spec.family)
     return RunSetup(spec, train_config, pooling, device, precision, seed, log, distributed.is_main())
 
