@@ -658,7 +658,7 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
 def parent_main(args: argparse.Namespace) -> None:
     import torch
 
-    from lorafit.devices import cpu_bf16_verdict, cpu_has_fast_bf16
+    from lorafit.devices import cpu_bf16_verdict
 
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     if not Path(args.data).is_file():
@@ -691,9 +691,10 @@ def parent_main(args: argparse.Namespace) -> None:
         + f"; LoRA r{RANK} alpha {ALPHA}; batch {BATCH_SIZE}; lr {LR:g}"
     )
     peak = matmul_peak(args.threads)
+    fast_bf16, bf16_why = cpu_bf16_verdict()
     print(
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads, fast bf16: {'yes' if cpu_has_fast_bf16() else 'no'} ({cpu_bf16_verdict()[1]}); "
+        f"{args.threads} threads, fast bf16: {'yes' if fast_bf16 else 'no'} ({bf16_why}); "
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16"
     )
 
@@ -798,8 +799,8 @@ def parent_main(args: argparse.Namespace) -> None:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
-            "fast_bf16": cpu_has_fast_bf16(),
-            "bf16_verdict": cpu_bf16_verdict()[1],
+            "fast_bf16": fast_bf16,
+            "bf16_verdict": bf16_why,
             "matmul_peak_gflops": peak,
         },
         "systems": {
