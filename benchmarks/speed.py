@@ -38,6 +38,15 @@ the whole backbone cast to bf16 as `load_classifier` does.
                       `--precision auto`'s measured choice gains on this CPU.
   hf-peft-bf16        hf-peft-dynamic with its forward passes under bf16 autocast (the peer on the same
                       hardware feature lorafit uses).
+  hf-peft-bf16-tcmalloc  the same with tcmalloc preloaded, as lorafit's rows run (a peer given the allocator).
+  lorafit-separate-qkv  the defaults with query, key and value one product each (`set_fused_projections(False)`).
+  lorafit-tanh-gelu   the defaults with `--gelu tanh` (GPT-2's tanh GELU on bf16 activations too).
+  lorafit-system-malloc, lorafit-epoch-system-malloc  lorafit / lorafit-epoch on glibc's malloc
+                      (`--malloc system`).
+
+Allocator: the lorafit rows run as the `lorafit` command does (`--malloc auto`: on tcmalloc where it is
+installed, `apt install libtcmalloc-minimal4`; the row label then says [tcmalloc]); the reference and HF
+rows on glibc's malloc unless their name says tcmalloc.
 
 Measured per system: training seconds per batch over `--batches` batches after 2 warm-up batches, extrapolated
 to one epoch (an EXTRAPOLATION, except lorafit-epoch's measured epoch), training messages/s and real
@@ -223,6 +232,8 @@ def run_lorafit(
     attention: str = "auto",
     packed_width: str = "fit",
     select_last_tokens: bool = True,
+    fused_projections: bool = True,
+    gelu: str = "auto",
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -235,11 +246,14 @@ def run_lorafit(
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import cast_for_inference, cast_frozen_weights, resolve_precision
-    from lorafit.lora import merge_lora
+    from lorafit.lora import merge_lora, set_fused_projections
     from lorafit.models.attention import set_kernel
+    from lorafit.models.gpt2 import set_gelu
     from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
 
     set_kernel(attention)
+    set_fused_projections(fused_projections)
+    set_gelu(gelu)
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
     spec = resolve_model("gpt2", "random")
@@ -468,6 +482,28 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", activation_checkpointing=True),
         "label": "lorafit defaults + --activation-checkpointing ({precision})",
     },
+    "lorafit-separate-qkv": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", fused_projections=False),
+        "label": "lorafit, query / key / value one product each ({precision})",
+    },
+    "lorafit-tanh-gelu": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", gelu="tanh"),
+        "label": "lorafit --gelu tanh ({precision})",
+    },
+    "lorafit-system-malloc": {
+        "needs": [],
+        "malloc": "system",
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto"),
+        "label": "lorafit --malloc system ({precision})",
+    },
+    "lorafit-epoch-system-malloc": {
+        "needs": [],
+        "malloc": "system",
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
+        "label": "lorafit --malloc system, one MEASURED epoch ({precision})",
+    },
     "hf-peft-padded": {
         "needs": ["transformers", "peft"],
         "run": lambda job: run_hf(job, dynamic=False),
@@ -483,18 +519,47 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "run": lambda job: run_hf(job, dynamic=True, bf16=True),
         "label": "HF transformers + PEFT, per-batch padding, bf16 autocast",
     },
+    "hf-peft-bf16-tcmalloc": {
+        "needs": ["transformers", "peft"],
+        "malloc": "tcmalloc",
+        "run": lambda job: run_hf(job, dynamic=True, bf16=True),
+        "label": "HF transformers + PEFT, per-batch padding, bf16 autocast, preloaded tcmalloc",
+    },
 }
+
+
+def malloc_of(system: str) -> str:
+    """The allocator a system's process runs on: lorafit's rows as the `lorafit` command does (`--malloc
+    auto`: tcmalloc where installed), the peers on glibc's unless a row says otherwise."""
+    return SYSTEMS[system].get("malloc", "auto" if system.startswith("lorafit") else "system")
+
+
+def child_environment(malloc: str, environ: dict) -> dict | None:
+    """The environment for a system's process: tcmalloc preloaded or not, as `malloc` says (None: a
+    `tcmalloc` row where none is installed)."""
+    from lorafit.allocator import REEXEC_MARK, find_tcmalloc
+
+    preloads = [p for p in environ.get("LD_PRELOAD", "").split() if "libtcmalloc" not in p]
+    env = {k: v for k, v in environ.items() if k not in ("LD_PRELOAD", REEXEC_MARK)}
+    library = find_tcmalloc() if malloc != "system" else None
+    if malloc == "tcmalloc" and library is None:
+        return None
+    preloads = [library, *preloads] if library else preloads
+    return {**env, "LD_PRELOAD": " ".join(preloads)} if preloads else env
 
 
 def child_main(system: str, job_path: str, result_path: str) -> None:
     """Run one system (in this process) and write its measurements as JSON."""
     import torch
 
+    from lorafit.allocator import active_allocator
+
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
     runner: Callable[[dict], dict] = SYSTEMS[system]["run"]
     result = runner(job)
     result["peak_rss_mib"] = peak_rss_mib()
+    result["malloc"] = active_allocator()
     result["threads"] = torch.get_num_threads()
     result["inference_messages_per_s"] = result["inference_messages"] / result["inference_seconds"]
     Path(result_path).write_text(json.dumps(result))
@@ -545,12 +610,11 @@ def write_lab_csv(path: Path, texts: list[str], labels: list[int]) -> None:
 
 
 def run_child(system: str, job_path: Path, result_path: Path, threads: int) -> dict | None:
-    env = {
-        **os.environ,
-        "TQDM_DISABLE": "1",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }
+    env = child_environment(malloc_of(system), dict(os.environ))
+    if env is None:
+        print(f"  {system}: skipped, no tcmalloc installed (apt install libtcmalloc-minimal4)", flush=True)
+        return None
+    env.update(TQDM_DISABLE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, str(Path(__file__).resolve()), "--system", system, "--job", str(job_path)]
     command += ["--result", str(result_path)]
     start = time.perf_counter()
@@ -620,6 +684,7 @@ def summarise(runs: list[dict], epoch_batches: int) -> dict:
     summary["precision"] = runs[0]["precision"]
     summary["inference_messages"] = runs[0]["inference_messages"]
     summary["trainable_parameters"] = runs[0]["trainable_parameters"]
+    summary["malloc"] = runs[0].get("malloc", "system")
     return summary
 
 
@@ -752,6 +817,7 @@ def parent_main(args: argparse.Namespace) -> None:
     summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
     labels = {
         name: SYSTEMS[name]["label"].format(L=data["max_length"], precision=s["precision"])
+        + (" [tcmalloc]" if s["malloc"] == "tcmalloc" and "tcmalloc" not in SYSTEMS[name]["label"] else "")
         for name, s in summaries.items()
     }
     for name, r in runs.items():

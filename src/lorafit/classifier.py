@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
 from .errors import LorafitError
-from .lora import ParameterCount, apply_lora, count_parameters
+from .lora import ParameterCount, apply_lora, count_parameters, fuse_shared_input_weights
 from .models.gpt2 import GPT2
 
 POOLINGS = ("last", "mean", "cls", "pooler")
@@ -263,6 +263,8 @@ def build_classifier(
         spec.sha256 = weights_fingerprint(backbone, spec.weights_path)
     if lora is not None:
         apply_lora(backbone, lora)
+    if device != "meta":
+        fuse_shared_input_weights(backbone)
     before_head = count_parameters(backbone)
     with torch.device(device):
         model = SequenceClassifier(backbone, num_classes, pooling)

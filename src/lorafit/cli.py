@@ -84,15 +84,32 @@ def add_attention_option(p) -> None:
                         "always that one (same results up to rounding)")  # fmt: skip
 
 
+def add_gelu_option(p) -> None:
+    p.add_argument("--gelu", choices=("auto", "tanh"), default="auto",
+                   help="GPT-2's GELU on bf16 activations: auto (default) computes the exact (erf) form, 4x "
+                        "faster on a CPU: the same bf16 value as the tanh form for 97.8 %% of inputs, within "
+                        "one bf16 step or 5e-4 for the rest; tanh: always the tanh form (fp32 always uses it)")  # fmt: skip
+
+
+def add_malloc_option(p) -> None:
+    p.add_argument("--malloc", choices=("auto", "tcmalloc", "system"), default="auto",
+                   help="memory allocator: auto (default) re-runs the command on tcmalloc where it is installed "
+                        "(apt install libtcmalloc-minimal4; ~10 %% faster CPU training, less memory), else "
+                        "glibc's; tcmalloc: required; system: glibc's malloc")  # fmt: skip
+
+
 def set_runtime_options(args: argparse.Namespace) -> None:
-    """Process-wide settings that change speed, not results: CPU threads and the attention kernel."""
+    """Process-wide settings that change speed, not results (beyond rounding): CPU threads, the attention
+    kernel and GPT-2's bf16 GELU."""
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     from .models.attention import set_kernel
+    from .models.gpt2 import set_gelu
 
     set_kernel(args.attention)
+    set_gelu(args.gelu)
 
 
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam") -> None:
@@ -159,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         # A resumed run must be the run that was started: its settings come from its config.json.
         defaults = vars(build_parser().parse_args(["train"]))
-        allowed = {"resume", "threads", "attention", "device", "func"}
+        allowed = {"resume", "threads", "attention", "gelu", "malloc", "device", "func"}
         changed = [k for k, v in vars(args).items() if k not in allowed and v != defaults.get(k)]
         if changed:
             option = "--" + changed[0].replace("_", "-")
@@ -450,6 +467,8 @@ def _add_training_options(p) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_attention_option(g)
+    add_gelu_option(g)
+    add_malloc_option(g)
     g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
     g.add_argument(
         "--examples", type=int, default=5, help="example predictions printed at the end (default 5)"
@@ -466,6 +485,7 @@ def _eval_parser(sub) -> None:
     add_data_options(p, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_malloc_option(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -487,6 +507,7 @@ def _predict_parser(sub) -> None:
                    help="rows of --file read, classified and written at a time (default 4096)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
     p.add_argument("--device", default="auto")
+    add_malloc_option(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -514,6 +535,7 @@ def _serve_parser(sub) -> None:
                    help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else fp32")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_attention_option(p)
+    add_gelu_option(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -541,8 +563,14 @@ def _import_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `lorafit` command. Run as a program (`argv` None), a compute command first re-runs itself on
+    tcmalloc where that is installed (`allocator.run_on_tcmalloc`); called with `argv`, it never does."""
     args = build_parser().parse_args(argv)
     try:
+        if argv is None and getattr(args, "malloc", None):
+            from .allocator import run_on_tcmalloc
+
+            run_on_tcmalloc(args.malloc)
         args.func(args)
     except LorafitError as e:
         sys.stderr.write(f"lorafit: error: {e}\n")

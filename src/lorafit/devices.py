@@ -123,6 +123,9 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
         )
         if (isinstance(module, nn.Linear) or token_table) and not module.weight.requires_grad:
             module.to(dtype)
+    from .lora import fuse_shared_input_weights
+
+    fuse_shared_input_weights(model)  # the cast gave every weight its own storage again
 
 
 def cast_for_inference(model: nn.Module) -> None:
@@ -130,5 +133,8 @@ def cast_for_inference(model: nn.Module) -> None:
     that inference runs without autocast: no cast of the activations before every product, a bf16 residual
     stream. The head stays fp32 and pooling sums in fp32. Measured on MiniLM, a batch of 16 SMS messages on
     a 2-core AVX-512 BF16 EPYC: 49.5 ms against 55.9 under autocast, probabilities within 0.0023."""
+    from .lora import fuse_shared_input_weights
+
     model.backbone.to(torch.bfloat16)
+    fuse_shared_input_weights(model.backbone)  # the cast gave every weight its own storage again
     model.bf16_inference = True

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LORA_TARGET_MODULES, LoRAConfig
@@ -86,6 +87,114 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, A={tuple(self.A.shape)}, B={tuple(self.B.shape)}"
+
+
+# Query, key and value share their input: their frozen weights are stored as adjacent rows of one tensor
+# (`fuse_shared_input_weights`) and computed as one product, with one product for their three LoRA `A`
+# and one for their `B` (`project_shared_input`). On a 2-core AMX Xeon (bf16, GPT-2 124M, the SMS
+# epoch's batches) that took a training step from 259 to 240 ms (interleaved). False: one product each.
+_fuse_shared_input = True
+
+
+def set_fused_projections(enabled: bool) -> None:
+    """Turn the one-product query / key / value path on (default) or off, for this process."""
+    global _fuse_shared_input
+    _fuse_shared_input = enabled
+
+
+def _frozen_linear(module: nn.Module) -> nn.Linear:
+    return module.base if isinstance(module, LoRALinear) else module
+
+
+def _adjacent_rows(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """One tensor spanning `tensors` when they are contiguous, consecutive pieces of one storage (what
+    `fuse_shared_input_weights` makes them), else None. A view: nothing is copied."""
+    first = tensors[0]
+    if first is None or any(t is None for t in tensors):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != offset
+            or t.dtype != first.dtype
+            or t.shape[1:] != first.shape[1:]
+        ):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+
+
+@torch.no_grad()
+def fuse_shared_input_weights(model: nn.Module) -> None:
+    """Store each attention's frozen query, key and value weights (and biases) as adjacent rows of one
+    tensor, the parameters becoming views of it, so `project_shared_input` multiplies once. Call it again
+    after anything that gives the weights new storage (a dtype cast, a move to another device); until then
+    the projections run one product each, as before. Trainable bases (full fine-tuning) are left alone."""
+    with torch.inference_mode(False):  # views made here must be usable by autograd later
+        for module in model.modules():
+            linears = [getattr(module, name, None) for name in ("query", "key", "value")]
+            if not all(isinstance(m, nn.Module) for m in linears):
+                continue
+            bases = [_frozen_linear(m) for m in linears]
+            if any(not isinstance(b, nn.Linear) or b.weight.requires_grad for b in bases):
+                continue
+            for name in ("weight", "bias"):
+                params = [getattr(b, name) for b in bases]
+                if any(p is None for p in params) or _adjacent_rows(params) is not None:
+                    continue
+                if any(p.requires_grad or p.dtype != params[0].dtype for p in params):
+                    continue
+                fused = torch.cat([p.detach() for p in params])
+                for p, rows in zip(params, fused.split([len(p) for p in params])):
+                    p.data = rows
+
+
+def _fusable(linears: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether `project_shared_input` computes exactly what the modules would, one by one."""
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    for m in linears:
+        if any(p.requires_grad for p in _frozen_linear(m).parameters(recurse=False)):
+            return False  # a trainable base needs gradients of its own
+        if isinstance(m, LoRALinear) and not m.merged:
+            if m.training and not isinstance(m.dropout, nn.Identity):
+                return False  # each projection draws its own dropout mask
+            if not autocasting and not (x.dtype == m.base.weight.dtype == m.A.dtype):
+                return False
+        elif not isinstance(_frozen_linear(m), nn.Linear):
+            return False
+    return True
+
+
+def project_shared_input(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """`[m(x) for m in linears]` (nn.Linear or LoRALinear) computed as one frozen product over their
+    adjacent weights plus, for the unmerged adapters among them, one `x·A` and one product-and-add with
+    their `B` blocks laid side by side (zeros elsewhere): the same sums, in 2-3 products instead of 3-9.
+    Falls back to one call each where the weights are not adjacent or a projection needs its own path."""
+    bases = [_frozen_linear(m) for m in linears]
+    weight = _adjacent_rows([b.weight for b in bases]) if _fuse_shared_input else None
+    bias = _adjacent_rows([b.bias for b in bases]) if weight is not None else None
+    if (
+        weight is None
+        or (bias is None and any(b.bias is not None for b in bases))
+        or not _fusable(linears, x)
+    ):
+        return [m(x) for m in linears]
+    flat = x.reshape(-1, x.shape[-1])
+    out = F.linear(flat, weight, bias)
+    sizes = [b.out_features for b in bases]
+    adapters = [(i, m) for i, m in enumerate(linears) if isinstance(m, LoRALinear) and not m.merged]
+    if adapters:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        total = sum(sizes)
+        a = torch.cat([m.A for _, m in adapters], dim=1)
+        b = torch.cat(
+            [F.pad(m.B * m.scaling, (starts[i], total - starts[i] - sizes[i])) for i, m in adapters]
+        )
+        out = torch.addmm(out, flat @ a, b)  # under autocast in its dtype; else all in x's (`_fusable`)
+    return list(out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1))
 
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module:

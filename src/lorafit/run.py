@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
+from .allocator import active_allocator
 from .classifier import (
     ModelSpec,
     SequenceClassifier,
@@ -301,7 +302,10 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
         if config.class_weights
         else ""
     )
-    setup.log(f"Device: {setup.device} | precision: {setup.precision}{why} | batches: {batching}{weights}")
+    malloc = f" | malloc: {active_allocator()}" if setup.device.type == "cpu" else ""
+    setup.log(
+        f"Device: {setup.device} | precision: {setup.precision}{why}{malloc} | batches: {batching}{weights}"
+    )
     return model
 
 

@@ -26,6 +26,7 @@ from lorafit.batching import segment_mask
 from lorafit.config import BertConfig, config_from_dict
 from lorafit.devices import to_autocast_dtype
 from lorafit.errors import LorafitError
+from lorafit.lora import project_shared_input
 from lorafit.models.attention import attention
 from lorafit.models.gpt2 import run_block
 
@@ -100,9 +101,9 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         x = to_autocast_dtype(x)  # once for query, key and value, not thrice
         # Call the projections as modules (never touch .weight): LoRA swaps them for wrappers.
-        q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # One product for the three where their weights allow (`lora.project_shared_input`).
+        projected = project_shared_input(x, (self.query, self.key, self.value))
+        q, k, v = (y.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for y in projected)
         dropout_p = self.attn_dropout if self.training else 0.0
         # A row that is all padding attends uniformly instead of giving NaN, as in HF (see `attention`).
         y = attention(q, k, v, keep, dropout_p)
