@@ -27,9 +27,9 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
   hf-peft-padded      transformers `GPT2ForSequenceClassification` + PEFT LoRA on c_attn, c_proj, c_fc
                       (fan_in_fan_out), padded to the reference's length, fp32; inference unmerged, batches of 8.
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
-                      inference merged, inference_mode, length-sorted batches of 32.
+                      inference merged, inference_mode, length-sorted batches of 64.
 
-Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 32), in bf16
+Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 64), in bf16
 the whole backbone cast to bf16 as `load_classifier` does.
 
   lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
@@ -98,7 +98,9 @@ LR = 5e-4
 WEIGHT_DECAY = 0.1
 RANK, ALPHA = 8, 16
 WARMUP_BATCHES = 2
-INFERENCE_BATCH = 32  # lorafit's (and hf-peft-dynamic's) inference batch size
+INFERENCE_BATCH = (
+    64  # lorafit's inference batch size (`--eval-batch-size`, `predict --batch-size`), and the HF rows'
+)
 PAD_ID = 50256  # <|endoftext|>, GPT-2's padding token in the lab, in lorafit and here for HF
 
 GPT2_124M = dict(vocab_size=50257, context_length=1024, d_model=768, n_layer=12, n_head=12)
@@ -245,12 +247,13 @@ def run_lorafit(
 
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import cast_for_inference, cast_frozen_weights, resolve_precision
+    from lorafit.devices import cap_kernel_cache, cast_for_inference, cast_frozen_weights, resolve_precision
     from lorafit.lora import merge_lora, set_fused_projections
     from lorafit.models.attention import set_kernel
     from lorafit.models.gpt2 import set_gelu
     from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
 
+    cap_kernel_cache()  # as `lorafit train` does, before the first product
     set_kernel(attention)
     set_fused_projections(fused_projections)
     set_gelu(gelu)
@@ -400,7 +403,7 @@ def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
 
     test_rows = job["test"]["rows"]
     start = time.perf_counter()
-    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches of 32
+    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches of INFERENCE_BATCH
         merged = model.merge_and_unload()
         merged.eval()
         with torch.inference_mode(), amp():

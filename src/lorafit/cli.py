@@ -448,7 +448,7 @@ def _add_training_options(p) -> None:
                         "rows) or e.g. ham=1,spam=3 (default: unweighted)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="rows per evaluation batch (default 32)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="rows per evaluation batch (default 64)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else fp32")  # fmt: skip
     g.add_argument("--no-bucketing", action="store_true",

@@ -152,7 +152,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 42
     log_every: int = 10
-    eval_batch_size: int = 32
+    eval_batch_size: int = (
+        64  # texts per inference batch: 64 ran 15-20 % faster than 32 (GPT-2 124M, AMX Xeon)
+    )
     precision: str = "auto"  # auto | bf16 | fp32
     bucketing: bool = True  # False: the reference behaviour, random batches padded to the max length
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -109,6 +110,20 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
+
+
+# PyTorch's ideep layer keeps up to LRU_CACHE_CAPACITY (default 1,024) matrix-product primitives, each
+# entry holding memory; every new batch shape adds a few. Over GPT-2 124M's 131-step SMS epoch (28 packed
+# shapes, bf16, AMX Xeon) the default grew the process by ~200 MiB more than a cap of 64 (peak RSS 1,394
+# against 1,192-1,199 MiB, two runs each), at the same speed (16, 64 and 256 alike). `lorafit serve` caps
+# oneDNN's own cache too; for training that cap cost 40 % of the time, so it is left alone here.
+KERNEL_CACHE_CAPACITY = 64
+
+
+def cap_kernel_cache() -> None:
+    """Cap ideep's primitive cache (LRU_CACHE_CAPACITY) unless the user set it. Read when the first
+    product runs, so call it before any: later in a process it changes nothing."""
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(KERNEL_CACHE_CAPACITY))
 
 
 def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:

@@ -33,6 +33,7 @@ from .classifier import (
 from .config import DataOptions, LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
 from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
 from .devices import (
+    cap_kernel_cache,
     cast_for_inference,
     cast_frozen_weights,
     cpu_bf16_verdict,
@@ -181,6 +182,7 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
 def resolve_setup(options: RunOptions, log) -> RunSetup:
     """Model spec (no weights loaded yet), the family's defaults, device (joining torchrun's group when
     launched by it: one process per device) and precision."""
+    cap_kernel_cache()  # before the first matrix product (the bf16 check below makes one)
     spec = resolve_model(options.model, options.weights)
     train_config = resolve_train_config(options.train, spec.family)
     validate_train_config(train_config)
@@ -507,7 +509,7 @@ class Classifier:
         self.device = device
         self.precision = precision
 
-    def logits(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         rows, _ = self.tokenizer.encode_batch(list(texts), self.max_length)
         rows = [r or [self.tokenizer.pad_id] for r in rows]  # an empty text still gets one position
         return predict_logits(
@@ -515,7 +517,7 @@ class Classifier:
             precision=self.precision, progress=progress,
         )  # fmt: skip
 
-    def predict(self, texts: list[str] | str, batch_size: int = 32, progress: bool = False) -> list[dict]:
+    def predict(self, texts: list[str] | str, batch_size: int = 64, progress: bool = False) -> list[dict]:
         """Label and per-label probabilities for each text."""
         if isinstance(texts, str):
             texts = [texts]
@@ -538,6 +540,7 @@ def load_classifier(
     run_dir: str | os.PathLike, device: str = "auto", precision: str | None = None, merge: bool = True
 ) -> Classifier:
     """Rebuild the classifier of a run directory: base model + adapter (LoRA merged for fast inference)."""
+    cap_kernel_cache()
     config = read_run_config(run_dir)
     spec = ModelSpec.from_dict(config["model"])
     lora = config_from_dict(LoRAConfig, config["lora"]) if config["lora"] else None
