@@ -184,3 +184,21 @@ def test_an_mpnet_directory_trains_predicts_and_refuses_export(tiny_mpnet_dir, s
     assert sum(p == label for p, (label, _) in zip(predicted, rows)) >= 0.75 * len(rows)
     code, _, err = run_main(["export", "--run", run, "--format", "merged", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "exporting an MPNet run" in err and not (tmp_path / "x").exists()
+
+
+def test_mpnet_trains_at_its_own_learning_rate_unless_told(tiny_mpnet_dir):
+    """MPNet's default lr is 5e-4 (1e-3 diverged on SST-2); other BERT-family models keep 1e-3, GPT-2 5e-4,
+    and an explicit --lr always wins."""
+    from lorafit.config import TrainConfig, resolve_train_config
+    from lorafit.run import RunOptions, resolve_setup
+
+    setup = resolve_setup(RunOptions(model=str(tiny_mpnet_dir)), log=lambda *a: None)
+    assert setup.spec.config.model_type == "mpnet" and setup.train.lr == 5e-4  # what `lorafit train` uses
+
+    assert resolve_train_config(TrainConfig(), "bert", "mpnet").lr == 5e-4
+    assert resolve_train_config(TrainConfig(), "bert", "bert").lr == 1e-3
+    assert resolve_train_config(TrainConfig(), "bert").lr == 1e-3
+    assert resolve_train_config(TrainConfig(), "gpt2").lr == 5e-4
+    assert resolve_train_config(TrainConfig(lr=1e-3), "bert", "mpnet").lr == 1e-3
+    mpnet = resolve_train_config(TrainConfig(), "bert", "mpnet")
+    assert (mpnet.scheduler, mpnet.warmup, mpnet.keep_best) == ("linear", 0.1, True)  # the rest: BERT's

@@ -184,7 +184,7 @@ def resolve_setup(options: RunOptions, log) -> RunSetup:
     launched by it: one process per device) and precision."""
     cap_kernel_cache()  # before the first matrix product (the bf16 check below makes one)
     spec = resolve_model(options.model, options.weights)
-    train_config = resolve_train_config(options.train, spec.family)
+    train_config = resolve_train_config(options.train, spec.family, getattr(spec.config, "model_type", None))
     validate_train_config(train_config)
     if distributed.launched_by_torchrun():  # data-parallel: see distributed.py
         device = distributed.init(train_config.device)
