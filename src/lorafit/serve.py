@@ -892,11 +892,13 @@ def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.
 
     import uvicorn
 
+    from .devices import cap_kernel_cache
+
     limits.check()
     sock = _listen(host, port)
     # Read by oneDNN when it makes its first kernel, so before loading; the user's own value wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
-    os.environ.setdefault("LRU_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))  # ideep's, read at first use
+    cap_kernel_cache()  # ideep's (LRU_CACHE_CAPACITY, 64 as well), read at first use
     # Loaded here, so a bad run fails the command; on a passing thread, as the main thread must not keep
     # an OpenMP team of its own (inference_thread says why).
     runs = on_passing_thread(load_runs, run_dirs, device, precision)
