@@ -41,8 +41,6 @@ the whole backbone cast to bf16 as `load_classifier` does.
   hf-peft-bf16-tcmalloc  the same with tcmalloc preloaded, as lorafit's rows run (a peer given the allocator).
   lorafit-separate-qkv  the defaults with query, key and value one product each (`set_fused_projections(False)`).
   lorafit-tanh-gelu   the defaults with `--gelu tanh` (GPT-2's tanh GELU on bf16 activations too).
-  lorafit-autograd-lora  the defaults with each LoRA linear as autograd's graph of its products
-                      (`set_lora_function(False)`) instead of one function with an in-place update.
   lorafit-system-malloc, lorafit-epoch-system-malloc  lorafit / lorafit-epoch on glibc's malloc
                       (`--malloc system`).
 
@@ -238,7 +236,6 @@ def run_lorafit(
     select_last_tokens: bool = True,
     fused_projections: bool = True,
     gelu: str = "auto",
-    lora_function: bool = True,
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -251,7 +248,7 @@ def run_lorafit(
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import cap_kernel_cache, cast_for_inference, cast_frozen_weights, resolve_precision
-    from lorafit.lora import merge_lora, set_fused_projections, set_lora_function
+    from lorafit.lora import merge_lora, set_fused_projections
     from lorafit.models.attention import set_kernel
     from lorafit.models.gpt2 import set_gelu
     from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
@@ -260,7 +257,6 @@ def run_lorafit(
     set_kernel(attention)
     set_fused_projections(fused_projections)
     set_gelu(gelu)
-    set_lora_function(lora_function)
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
     spec = resolve_model("gpt2", "random")
@@ -498,11 +494,6 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", gelu="tanh"),
         "label": "lorafit --gelu tanh ({precision})",
-    },
-    "lorafit-autograd-lora": {
-        "needs": [],
-        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", lora_function=False),
-        "label": "lorafit, LoRA as autograd's graph of products ({precision})",
     },
     "lorafit-system-malloc": {
         "needs": [],

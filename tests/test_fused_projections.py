@@ -61,9 +61,6 @@ def run(model, fused: bool, autocast: bool = False):
     return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-PRODUCTS = ("aten::linear", "aten::addmm")
-
-
 def fused_products(model, autocast: bool = False) -> int:
     """How many products in a forward pass have the three (or two) projections' rows at once."""
     set_fused_projections(True)
@@ -74,7 +71,7 @@ def fused_products(model, autocast: bool = False) -> int:
             model.hidden_states(ids) if isinstance(model, GPT2) else model(ids)
     wide = 0
     for e in trace.events():
-        if e.name in PRODUCTS and len(e.input_shapes) > 1:
+        if e.name in ("aten::linear", "aten::addmm") and len(e.input_shapes) > 1:
             if [3 * d, d] in e.input_shapes or [d, 3 * d] in e.input_shapes:
                 wide += 1
     return wide
