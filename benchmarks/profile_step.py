@@ -27,6 +27,7 @@ def main() -> None:
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import autocast, cast_frozen_weights, cpu_bf16_verdict, resolve_precision
+    from lorafit.io import write_text_atomic
     from lorafit.lora import merge_lora
     from lorafit.models.attention import set_kernel
     from lorafit.train import (
@@ -48,7 +49,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="auto", choices=["auto", "math", "sdpa"])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks/results"),
+        help="a .txt file, or a directory to write profile-<precision>-<cpu>.txt in (default: benchmarks/results)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_kernel(args.attention)
@@ -120,8 +125,11 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    path = Path(args.out) / f"profile-{precision}-{cpu_kind()}.txt"
-    path.write_text(text + "\n")
+    path = Path(args.out)  # a .txt file, or a directory for profile-<precision>-<cpu>.txt
+    if path.suffix != ".txt":
+        path = path / f"profile-{precision}-{cpu_kind()}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text + "\n")
     print(f"Wrote {path}")
 
 

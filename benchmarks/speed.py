@@ -842,9 +842,12 @@ def parent_main(args: argparse.Namespace) -> None:
     for note in notes:
         print("Note: " + note)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / ("speed-smoke.json" if args.smoke else "speed.json")
+    from lorafit.io import write_text_atomic
+
+    file = Path(args.out)  # a .json file, or a directory for speed.json / speed-smoke.json
+    if file.suffix != ".json":
+        file = file / ("speed-smoke.json" if args.smoke else "speed.json")
+    file.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "smoke": args.smoke,
@@ -877,7 +880,7 @@ def parent_main(args: argparse.Namespace) -> None:
         },
         "notes": notes,
     }
-    file.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(file, json.dumps(report, indent=2) + "\n")
     print(f"Wrote {file}")
 
 
@@ -899,7 +902,11 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, 2 batches, 1 round: checks the plumbing"
     )
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results",
+        help="a .json file, or a directory to write speed.json in (default: benchmarks/results)",
+    )
     parser.add_argument(
         "--collect",
         metavar="DIR",

@@ -1,4 +1,4 @@
-"""Tests for the benchmarks' helpers: accuracy.py's splits and folds, predict_file.py's run (not the benchmark runs)."""
+"""Tests for the benchmarks' helpers: accuracy.py's splits and folds, predict_file.py's run, speed.py's smoke run (not the benchmark runs)."""
 
 from __future__ import annotations
 
@@ -112,3 +112,18 @@ def test_predict_file_benchmark_writes_every_row_in_order_and_samples_memory(tmp
     assert [row["id"] for row in rows] == [str(i) for i in range(50)]
     assert set(rows[0]) == {"id", "text", "label", "p_ham", "p_spam"}
     assert result["summary"].startswith("Wrote 50 rows") and result["rss_samples"]
+
+
+@pytest.mark.parametrize("out", ["speed-run.json", "results"])
+def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(tmp_path: Path, out: str) -> None:
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    target = tmp_path / out
+    command = [sys.executable, str(script), "--smoke", "--systems", "lorafit", "--out", str(target)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    written = target if target.suffix == ".json" else target / "speed-smoke.json"
+    report = json.loads(written.read_text())
+    assert report["smoke"] and list(report["systems"]) == ["lorafit"]
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [written.name]  # no temporary left
