@@ -297,7 +297,11 @@ def main() -> None:
         help="learning rate of the lorafit rows (default: lorafit's; another one is a row of its own)",
     )
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks" / "results"),
+        help="directory for datasets.json (merged with what is there) and the runs (default: benchmarks/results)",
+    )
     parser.add_argument("--table", action="store_true", help="only print the table of the results so far")
     args = parser.parse_args()
     names = DATASET_NAMES if args.datasets == "all" else tuple(args.datasets.split(","))
