@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import platform
 import random
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from lorafit.data import load_dataset
+from lorafit.io import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,8 +83,7 @@ def main() -> None:
                   peak_rss_mib=max(rss, default=float("nan")), rss_at_10_percent_mib=tenth,
                   machine={"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count()},
                   command=" ".join(sys.argv))  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json_atomic(args.out, result)
     print("| rows | written | seconds | rows/s | RSS at 10 % of the run | peak RSS |")
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.rows:,} | {written:,} | {result['seconds']:.0f} | {result['rows_per_s']:.0f} | "

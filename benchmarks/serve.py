@@ -545,8 +545,9 @@ def main() -> None:
     if "memory" not in skip:
         print("memory ...", flush=True)
         results["memory"] = memory_rows(args.run, messages)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    from lorafit.io import write_json_atomic
+
+    write_json_atomic(args.out, results)
     if results["load"]:
         print_load_table(results["load"], results["bare_predict"])
     print("\n" + "\n".join(f"- {line}" for line in goals(results, 5.0)))
