@@ -114,16 +114,20 @@ def test_predict_file_benchmark_writes_every_row_in_order_and_samples_memory(tmp
     assert result["summary"].startswith("Wrote 50 rows") and result["rss_samples"]
 
 
-@pytest.mark.parametrize("out", ["speed-run.json", "results"])
-def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(tmp_path: Path, out: str) -> None:
+@pytest.mark.parametrize("out", ["speed-run.json", "speed"])
+def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
+    tmp_path: Path, sms_file: Path, out: str
+) -> None:
     import json
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    target = tmp_path / out
-    command = [sys.executable, str(script), "--smoke", "--systems", "lorafit", "--out", str(target)]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    target = tmp_path / "results" / out
+    command = [sys.executable, str(script), "--smoke", "--systems", "lorafit", "--data", str(sms_file)]
+    subprocess.run([*command, "--out", str(target)], check=True, capture_output=True, timeout=300)
     written = target if target.suffix == ".json" else target / "speed-smoke.json"
     report = json.loads(written.read_text())
     assert report["smoke"] and list(report["systems"]) == ["lorafit"]
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [written.name]  # no temporary left
+    assert [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()] == [
+        written.name
+    ]  # no temporary
