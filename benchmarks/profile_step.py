@@ -128,8 +128,7 @@ def main() -> None:
     path = Path(args.out)  # a .txt file, or a directory for profile-<precision>-<cpu>.txt
     if path.suffix != ".txt":
         path = path / f"profile-{precision}-{cpu_kind()}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text + "\n")
+    write_text_atomic(path, text + "\n")  # makes the directory
     print(f"Wrote {path}")
 
 

@@ -842,12 +842,11 @@ def parent_main(args: argparse.Namespace) -> None:
     for note in notes:
         print("Note: " + note)
 
-    from lorafit.io import write_text_atomic
+    from lorafit.io import write_json_atomic
 
     file = Path(args.out)  # a .json file, or a directory for speed.json / speed-smoke.json
     if file.suffix != ".json":
         file = file / ("speed-smoke.json" if args.smoke else "speed.json")
-    file.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "smoke": args.smoke,
@@ -880,7 +879,7 @@ def parent_main(args: argparse.Namespace) -> None:
         },
         "notes": notes,
     }
-    write_text_atomic(file, json.dumps(report, indent=2) + "\n")
+    write_json_atomic(file, report)  # makes the directory
     print(f"Wrote {file}")
 
 

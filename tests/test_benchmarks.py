@@ -128,6 +128,5 @@ def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
     written = target if target.suffix == ".json" else target / "speed-smoke.json"
     report = json.loads(written.read_text())
     assert report["smoke"] and list(report["systems"]) == ["lorafit"]
-    assert [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()] == [
-        written.name
-    ]  # no temporary
+    files = [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    assert files == [written.name]  # no temporary file left beside it
