@@ -18,7 +18,8 @@ training rows, the lab's validation rows kept for choosing the epoch) holds ever
 7x larger check than validation that counts missed spam too, and never reads test.
 
 Needs scikit-learn for the baseline (pip install 'lorafit[benchmark]'). Prints a Markdown table and writes
-benchmarks/results/accuracy.json. Each lorafit row is a real `train_run` with the `minilm-l6` defaults.
+benchmarks/results/accuracy.json. Each lorafit row is a real `train_run` with the `minilm-l6` defaults
+(`--model mpnet-base`: MPNet's).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def run_lorafit(
     args: argparse.Namespace,
     fold: int | None = None,
 ) -> dict:
-    """One `train_run` with the `minilm-l6` defaults, except what `args` overrides (for tuning).
+    """One `train_run` with `args.model`'s defaults, except what `args` overrides (for tuning).
 
     With `fold`, the run is fold `fold` of `args.cv`: `cross_validation_rows`."""
     lora = None
@@ -210,7 +211,7 @@ def run_lorafit(
     else:
         source = DataOptions(source=data, balance=p["balance"], stratify=p["stratify"], split=p["split"])
     source.seed = DATA_SEED
-    options = RunOptions(model="minilm-l6", lora=lora, train=train, data=source, out=str(out), examples=0)
+    options = RunOptions(model=args.model, lora=lora, train=train, data=source, out=str(out), examples=0)
     run_dir = train_run(options, log=lambda message: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -293,8 +294,11 @@ def main() -> None:
     parser.add_argument("--protocols", default="a,b")
     parser.add_argument("--seeds", default="1,2,3", help='training seeds of the LoRA rows ("": none)')
     parser.add_argument("--full-seeds", default="1", help="training seeds of the full fine-tuning rows")
-    parser.add_argument("--epochs", type=int, default=None, help="override the minilm-l6 default")
-    # Tuning overrides (default: the minilm-l6 defaults). Tune with --tune: it prints validation only.
+    parser.add_argument(
+        "--model", default="minilm-l6", help="the LoRA rows' backbone (lorafit's --model; default minilm-l6)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override the model's default")
+    # Tuning overrides (default: the model's defaults). Tune with --tune: it prints validation only.
     parser.add_argument("--lr", type=float, default=None, help="LoRA rows' learning rate")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--lora-dropout", type=float, default=0.0)
@@ -351,7 +355,7 @@ def main() -> None:
         rows = {}
         for seed in [int(s) for s in args.seeds.split(",") if s]:
             name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
-            print(f"[{protocol}] lorafit MiniLM + {name} ...", flush=True)
+            print(f"[{protocol}] lorafit {args.model} + {name} ...", flush=True)
             rows[name] = run_lorafit(
                 args.data, protocol, seed, False, out / f"{protocol}-lora{args.tag}-{seed}", args
             )
@@ -359,7 +363,7 @@ def main() -> None:
             save(out, results, protocol, rows)
         if not args.skip_full:
             for seed in [int(s) for s in args.full_seeds.split(",") if s]:
-                print(f"[{protocol}] lorafit MiniLM full fine-tuning, seed {seed} ...", flush=True)
+                print(f"[{protocol}] lorafit {args.model} full fine-tuning, seed {seed} ...", flush=True)
                 name = f"full fine-tuning{args.tag} seed {seed}"
                 rows[name] = run_lorafit(
                     args.data, protocol, seed, True, out / f"{protocol}-full{args.tag}-{seed}", args
@@ -385,7 +389,7 @@ def cross_validate(args: argparse.Namespace, out: Path) -> None:
             folds = []
             for fold in range(args.cv):
                 name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
-                print(f"[{protocol}, cv {fold + 1}/{args.cv}] lorafit MiniLM + {name} ...", flush=True)
+                print(f"[{protocol}, cv {fold + 1}/{args.cv}] lorafit {args.model} + {name} ...", flush=True)
                 run_dir = out / f"{protocol}-cv-lora{'-' + tag if tag else ''}-{seed}-{fold}"
                 folds.append(run_lorafit(args.data, protocol, seed, False, run_dir, args, fold=fold))
                 held = folds[-1]["held_out"]

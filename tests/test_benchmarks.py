@@ -130,3 +130,16 @@ def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
     assert report["smoke"] and list(report["systems"]) == ["lorafit"]
     files = [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()]
     assert files == [written.name]  # no temporary file left beside it
+
+
+def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--precision", "fp32"],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2, done.stdout
+    assert "fit: step ≈" in done.stdout and "ms per token" in done.stdout
