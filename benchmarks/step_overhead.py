@@ -24,6 +24,33 @@ import dataclasses
 import time
 
 
+def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]], steps: int) -> tuple:
+    """(packed batch shape, ms per warm training step) for one batch of `texts`, after 5 untimed steps."""
+    import torch
+
+    from lorafit.devices import autocast
+    from lorafit.train import Split, batch_inputs, batch_loss
+
+    train = Split(texts, [i % 2 for i in range(len(texts))])
+    device = torch.device("cpu")
+    inputs = batch_inputs(train, list(range(len(texts))), config, 50256, None, device)
+    targets = torch.as_tensor(train.labels)
+
+    def step() -> None:
+        with autocast(device, precision):
+            logits = model(*inputs)
+        batch_loss(logits, targets, config, None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return tuple(inputs[0].shape), (time.perf_counter() - start) / steps * 1e3
+
+
 def main() -> None:
     import numpy as np
     import torch
@@ -31,8 +58,8 @@ def main() -> None:
     from lorafit.allocator import active_allocator
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import GPT2Config, LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import autocast, cast_frozen_weights, resolve_precision
-    from lorafit.train import Split, batch_inputs, batch_loss, make_optimizer
+    from lorafit.devices import cast_frozen_weights, resolve_precision
+    from lorafit.train import make_optimizer
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -41,7 +68,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", default="2,8,16,30,60", help="tokens per text (8 texts a batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed warm steps per length")
-    parser.add_argument("--smoke", action="store_true", help="a tiny GPT-2, 2 lengths, 2 steps: plumbing only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny GPT-2, 2 lengths, 2 steps: plumbing only"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.lengths, args.steps = "2,8", 2
@@ -58,33 +87,17 @@ def main() -> None:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(named, config, 10_000)
     model.train()
-    print(f"GPT-2 {'SMOKE (2 layers x 64; numbers meaningless)' if args.smoke else '124M'}, LoRA r8 on all six projections, batches of 8 texts, {precision}, "
-          f"{args.threads} threads, {active_allocator()} malloc")  # fmt: skip
+    print(f"GPT-2 {'SMOKE (2 layers x 64; numbers meaningless)' if args.smoke else '124M'}, LoRA r8 on all "
+          f"six projections, batches of 8 texts, {precision}, {args.threads} threads, {active_allocator()} malloc")  # fmt: skip
     print("| tokens per text | packed batch | tokens | ms per warm step |")
     print("|---:|---|---:|---:|")
     tokens, times = [], []
     for length in [int(n) for n in args.lengths.split(",")]:
-        train = Split([[100 + i + j for j in range(length)] for i in range(8)], [0, 1] * 4)
-
-        def step() -> None:
-            inputs = batch_inputs(train, list(range(8)), config, 50256, None, device)
-            with autocast(device, precision):
-                logits = model(*inputs)
-            batch_loss(logits, torch.as_tensor(train.labels), config, None)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(5):
-            step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        ms = (time.perf_counter() - start) / args.steps * 1e3
-        shape = tuple(batch_inputs(train, list(range(8)), config, 50256, None, device)[0].shape)
-        n = shape[0] * shape[1]
-        tokens.append(n)
+        texts = [[100 + i + j for j in range(length)] for i in range(8)]
+        shape, ms = warm_step_ms(model, optimizer, config, precision, texts, args.steps)
+        tokens.append(shape[0] * shape[1])
         times.append(ms)
-        print(f"| {length} | {shape[0]} × {shape[1]} | {n} | {ms:.1f} |", flush=True)
+        print(f"| {length} | {shape[0]} × {shape[1]} | {tokens[-1]} | {ms:.1f} |", flush=True)
     per_token, fixed = np.polyfit(tokens, times, 1)
     print(f"\nfit: step ≈ {fixed:.1f} ms + {per_token:.3f} ms per token "
           f"(an SMS lab batch, ~253 tokens: {fixed + per_token * 253:.0f} ms, "

@@ -138,7 +138,10 @@ def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
     done = subprocess.run(
         [sys.executable, str(script), "--smoke", "--precision", "fp32"],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 8 |")]
     assert len(rows) == 2, done.stdout
