@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]], steps: int) -> tuple:
@@ -53,6 +57,7 @@ def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]
 
 def main() -> None:
     import numpy as np
+    import speed
     import torch
 
     from lorafit.allocator import active_allocator
@@ -89,6 +94,8 @@ def main() -> None:
     model.train()
     print(f"GPT-2 {'SMOKE (2 layers x 64; numbers meaningless)' if args.smoke else '124M'}, LoRA r8 on all "
           f"six projections, batches of 8 texts, {precision}, {args.threads} threads, {active_allocator()} malloc")  # fmt: skip
+    peak = speed.matmul_peak(args.threads)[precision]
+    print(f"1024² matmul peak in {precision}: {peak:,.0f} GFLOP/s")
     print("| tokens per text | packed batch | tokens | ms per warm step |")
     print("|---:|---|---:|---:|")
     tokens, times = [], []
@@ -102,6 +109,11 @@ def main() -> None:
     print(f"\nfit: step ≈ {fixed:.1f} ms + {per_token:.3f} ms per token "
           f"(an SMS lab batch, ~253 tokens: {fixed + per_token * 253:.0f} ms, "
           f"{fixed / (fixed + per_token * 253):.0%} of it fixed)")  # fmt: skip
+    flops = 4 * speed.frozen_linear_parameters(
+        dataclasses.asdict(spec.config)
+    )  # per token, as speed.py counts
+    print(f"per-token part: {flops / 1e6:,.0f} MFLOP of frozen products a token would take "
+          f"{flops / peak / 1e6:.3f} ms at that peak, so it runs at {flops / peak / 1e6 / per_token:.0%} of it")  # fmt: skip
 
 
 if __name__ == "__main__":
