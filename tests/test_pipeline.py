@@ -531,3 +531,24 @@ def test_ema_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(
     assert without_wall_time(run(resumed, resume=mid_second_epoch)) == without_wall_time(history)
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("val_losses, hint", [((0.5, 0.4, 0.3), True), ((0.5, 0.3, 0.4), False)])
+def test_keep_best_suggests_more_epochs_only_when_the_last_epoch_validated_best(val_losses, hint):
+    from types import SimpleNamespace
+
+    from lorafit.train import _keep_best
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    best = val_losses.index(min(val_losses)) + 1
+    state = SimpleNamespace(
+        named=[("w", weight)],
+        best_state={"w": torch.full((2,), float(best))},
+        best_loss=min(val_losses),
+        history=[{"epoch": i + 1, "val_loss": loss} for i, loss in enumerate(val_losses)],
+    )
+    lines = []
+    _keep_best(state, TrainConfig(keep_best=True), lines.append)
+    assert lines[0].startswith(f"Keeping epoch {best} ")
+    assert torch.equal(weight.detach(), torch.full((2,), float(best)))
+    assert any("more --epochs may help" in line for line in lines) == hint
