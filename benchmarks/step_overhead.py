@@ -3,11 +3,11 @@ path on synthetic batches of 8 texts of growing length, and a least-squares line
 
     step ms ≈ fixed ms + ms per token × tokens in the batch
 
-The fixed part is what a step costs however few tokens it has: reading the 170 MB of frozen bf16 weights
-twice (forward and backward), and the per-operation cost of ~9,000 operator calls (Python, dispatch,
-oneDNN's primitive lookups, OpenMP's wake-ups). Only that part grows with the number of steps rather
-than the number of tokens, so it says how much a step could gain from fusing operations (a compiler)
-as opposed to from faster products.
+The fixed part is what a step costs however few tokens it has: reading the frozen weights (forward and
+backward) and the per-operation cost of ~9,400 operator calls (Python, dispatch, oneDNN's primitive
+lookups, OpenMP's wake-ups). It came out about the same in fp32 as in bf16, which reads half the bytes,
+so the calls dominate it. It grows with the number of steps rather than the number of tokens, so it says
+how much a step could gain from fusing operations (a compiler) as opposed to from faster products.
 
     python benchmarks/step_overhead.py [--precision auto] [--threads 2] [--lengths 2,8,16,30,60]
 
