@@ -84,7 +84,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     spec = resolve_model("gpt2", "random")
     if args.smoke:
-        spec = dataclasses.replace(spec, config=GPT2Config(d_model=64, n_layer=2, n_head=2))
+        spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
     model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
@@ -109,9 +109,8 @@ def main() -> None:
     print(f"\nfit: step ≈ {fixed:.1f} ms + {per_token:.3f} ms per token "
           f"(an SMS lab batch, ~253 tokens: {fixed + per_token * 253:.0f} ms, "
           f"{fixed / (fixed + per_token * 253):.0%} of it fixed)")  # fmt: skip
-    flops = 4 * speed.frozen_linear_parameters(
-        dataclasses.asdict(spec.config)
-    )  # per token, as speed.py counts
+    model_shape = dataclasses.asdict(spec.config)
+    flops = 4 * speed.frozen_linear_parameters(model_shape)  # per token, as speed.py counts
     print(f"per-token part: {flops / 1e6:,.0f} MFLOP of frozen products a token would take "
           f"{flops / peak / 1e6:.3f} ms at that peak, so it runs at {flops / peak / 1e6 / per_token:.0%} of it")  # fmt: skip
 
