@@ -119,6 +119,23 @@ def run_lorafit(
     return row
 
 
+def lorafit_row_name(model: str, epochs: int | None, lr: float | None) -> str:
+    """The lorafit rows' name: "lorafit", then the backbone unless it is the default, then the epochs and
+    lr the runs will use where they differ from their family's (3 and 1e-3 for BERT), so a non-default
+    recipe is a row of its own and a changed architecture default never files its runs under an older
+    recipe's name (MPNet's `lorafit mpnet-base` rows ran at lr 1e-3, before its 5e-4 default)."""
+    from lorafit.classifier import resolve_model
+    from lorafit.config import FAMILY_DEFAULTS, TrainConfig, resolve_train_config
+
+    spec = resolve_model(model, weights="random")  # the settings only: no GPT-2 download for a name
+    architecture = getattr(spec.config, "model_type", None)
+    used = resolve_train_config(TrainConfig(epochs=epochs, lr=lr), spec.family, architecture)
+    family = FAMILY_DEFAULTS[spec.family]
+    name = "lorafit" + (f" {model}" if model != DEFAULT_MODEL else "")
+    name += f" {used.epochs} epochs" if used.epochs != family["epochs"] else ""
+    return name + (f" lr {used.lr:g}" if used.lr != family["lr"] else "")
+
+
 def split_texts(files: dict) -> dict[str, tuple[list[str], list[str]]]:
     """The train / val / held-out (named `files["test_name"]`) and extra texts and labels, exactly as
     lorafit splits them."""
@@ -317,10 +334,7 @@ def main() -> None:
     for name in names:
         files = dataset_files(name, Path(args.data_root), out / "datasets")
         rows = results.setdefault(name, {})
-        lorafit = "lorafit"  # a non-default backbone, epoch count or lr is a row of its own
-        lorafit += f" {args.model}" if args.model != DEFAULT_MODEL else ""
-        lorafit += f" {args.epochs} epochs" if args.epochs else ""
-        lorafit += f" lr {args.lr:g}" if args.lr else ""
+        lorafit = lorafit_row_name(args.model, args.epochs, args.lr)
         jobs = [(lorafit, s) for s in args.seeds.split(",") if s and "lorafit" in systems]
         jobs += [("tfidf", None)] if "tfidf" in systems else []
         jobs += [("hf-peft", s) for s in args.hf_seeds.split(",") if s and "hf-peft" in systems]

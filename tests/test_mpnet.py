@@ -186,19 +186,44 @@ def test_an_mpnet_directory_trains_predicts_and_refuses_export(tiny_mpnet_dir, s
     assert code == 2 and "exporting an MPNet run" in err and not (tmp_path / "x").exists()
 
 
-def test_mpnet_trains_at_its_own_learning_rate_unless_told(tiny_mpnet_dir):
-    """MPNet's default lr is 5e-4 (1e-3 diverged on SST-2); other BERT-family models keep 1e-3, GPT-2 5e-4,
-    and an explicit --lr always wins."""
+def test_mpnet_trains_at_its_own_learning_rate_and_epochs_unless_told(tiny_mpnet_dir):
+    """MPNet's default lr is 5e-4 (1e-3 diverged on SST-2) and its default epochs 5 (chosen on validation and
+    cross-validation); other BERT-family models keep 1e-3 and 3 epochs, GPT-2 5e-4 and 3, and an explicit
+    --lr or --epochs always wins."""
     from lorafit.config import TrainConfig, resolve_train_config
     from lorafit.run import RunOptions, resolve_setup
 
     setup = resolve_setup(RunOptions(model=str(tiny_mpnet_dir)), log=lambda *a: None)
-    assert setup.spec.config.model_type == "mpnet" and setup.train.lr == 5e-4  # what `lorafit train` uses
+    assert setup.spec.config.model_type == "mpnet"
+    assert (setup.train.lr, setup.train.epochs) == (5e-4, 5)  # what `lorafit train` uses
 
-    assert resolve_train_config(TrainConfig(), "bert", "mpnet").lr == 5e-4
-    assert resolve_train_config(TrainConfig(), "bert", "bert").lr == 1e-3
-    assert resolve_train_config(TrainConfig(), "bert").lr == 1e-3
-    assert resolve_train_config(TrainConfig(), "gpt2").lr == 5e-4
+    def defaults(*family_and_architecture):
+        config = resolve_train_config(TrainConfig(), *family_and_architecture)
+        return config.lr, config.epochs
+
+    assert defaults("bert", "mpnet") == (5e-4, 5)
+    assert defaults("bert", "bert") == defaults("bert") == (1e-3, 3)
+    assert defaults("gpt2") == (5e-4, 3)
     assert resolve_train_config(TrainConfig(lr=1e-3), "bert", "mpnet").lr == 1e-3
+    assert resolve_train_config(TrainConfig(epochs=3), "bert", "mpnet").epochs == 3
     mpnet = resolve_train_config(TrainConfig(), "bert", "mpnet")
     assert (mpnet.scheduler, mpnet.warmup, mpnet.keep_best) == ("linear", 0.1, True)  # the rest: BERT's
+
+
+def test_dataset_benchmark_names_rows_by_the_recipe_the_runs_use(tiny_mpnet_dir, tiny_gpt2_dir):
+    """benchmarks/datasets.py files MPNet's default runs under their actual epochs and lr, so they never
+    merge into rows that ran an older default (the `lorafit mpnet-base` rows ran at lr 1e-3, 3 epochs)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "datasets.py"
+    spec = importlib.util.spec_from_file_location("lorafit_benchmark_datasets", path)  # not HF's `datasets`
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lorafit_row_name = module.lorafit_row_name
+
+    mpnet = str(tiny_mpnet_dir)
+    assert lorafit_row_name(mpnet, None, None) == f"lorafit {mpnet} 5 epochs lr 0.0005"
+    assert lorafit_row_name(mpnet, 5, 5e-4) == f"lorafit {mpnet} 5 epochs lr 0.0005"
+    assert lorafit_row_name(mpnet, 3, None) == f"lorafit {mpnet} lr 0.0005"
+    assert lorafit_row_name(mpnet, 3, 1e-3) == f"lorafit {mpnet}"
+    assert lorafit_row_name(str(tiny_gpt2_dir), None, None) == f"lorafit {tiny_gpt2_dir}"  # GPT-2's own 5e-4

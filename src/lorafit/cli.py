@@ -422,7 +422,7 @@ def _add_training_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="seed: the reference lab's protocol (balanced SMS spam, 0.8/0.1/0.1, batch 8, 1 epoch, r8, alpha 16, seed 42)")  # fmt: skip
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 3)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 3; 5 for MPNet)")
     g.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     g.add_argument(
         "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)"
