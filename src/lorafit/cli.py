@@ -425,7 +425,10 @@ def _add_training_options(p) -> None:
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: 3; 5 for MPNet)")
     g.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 8)")
     g.add_argument(
-        "--lr", type=float, default=None, help="AdamW learning rate (default: 5e-4 GPT-2, 1e-3 BERT)"
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: 5e-4 GPT-2 and MPNet, 1e-3 other BERT)",
     )
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for off (default 1.0)")
