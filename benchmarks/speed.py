@@ -62,6 +62,9 @@ The real run (roughly half an hour to an hour on 2 idle cores):
 
     python benchmarks/speed.py --data ../shared/data/SMSSpamCollection
 
+`--table RESULT.json [--systems a,b]` prints a stored run's table again (its machine line, command and rows,
+all of them or those named), without running anything: how the README's Speed tables are made.
+
 A killed run keeps its temporary directory; `--collect /tmp/lorafit-speed-XXXX --repeats N` prints the table
 of the system runs that finished there. Ctrl-C in the parent does the same for the runs done so far.
 
@@ -723,6 +726,29 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
     return "\n".join(lines)
 
 
+def stored_table(path: str, systems: list[str] | None) -> str:
+    """A stored run's table (what `parent_main` printed), led by its machine line and command."""
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    machine, stored = report["machine"], report["systems"]
+    peak = machine.get("matmul_peak_gflops")
+    if not peak:
+        raise SystemExit(f"speed.py: {path}: no matmul peak stored (a run from before speed.py measured it)")
+    names = systems or list(stored)
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise SystemExit(f"speed.py: {path}: no system {missing[0]!r}; it has {', '.join(stored)}")
+    summaries = {name: stored[name]["median"] for name in names}
+    labels = {name: stored[name]["label"] for name in names}
+    verdict = f" ({machine['bf16_verdict']})" if machine.get("bf16_verdict") else ""  # older runs lack it
+    header = (
+        f"{machine['cpus']} CPUs, torch {machine['torch']}, fast bf16: {'yes' if machine['fast_bf16'] else 'no'}"
+        f"{verdict}; 1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, "
+        f"{peak['bf16']:,.0f} bf16; {report['repeats']} round(s) of {report['timed_batches']} timed batches"
+    )
+    table = markdown_table(summaries, labels, report["epoch_batches"], report["model"], peak)
+    return f"{header}\n$ {report['command']}\n\n{table}"
+
+
 def parent_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -912,12 +938,20 @@ def main() -> None:
         help="summarise the per-system result files (NAME-ROUND.json) that a killed run left in its "
         "temporary directory /tmp/lorafit-speed-* (rounds 1 to --repeats), instead of running anything",
     )
+    parser.add_argument(
+        "--table",
+        metavar="RESULT.json",
+        help="print a stored run's table (all its systems, or those --systems names) instead of running anything",
+    )
     parser.add_argument("--system", help=argparse.SUPPRESS)  # child mode: run one system
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.system:
         child_main(args.system, args.job, args.result)
+    elif args.table:
+        chosen = None if args.systems == parser.get_default("systems") else args.systems.split(",")
+        print(stored_table(args.table, chosen))
     else:
         parent_main(args)
 

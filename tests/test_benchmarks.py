@@ -131,6 +131,15 @@ def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
     files = [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()]
     assert files == [written.name]  # no temporary file left beside it
 
+    shown = subprocess.run(
+        [sys.executable, str(script), "--table", str(written)], capture_output=True, text=True
+    )
+    rows = [line for line in shown.stdout.splitlines() if line.startswith("| lorafit defaults")]
+    assert shown.returncode == 0 and "matmul peak" in shown.stdout and len(rows) == 1, shown.stdout
+    unknown = [sys.executable, str(script), "--table", str(written), "--systems", "lorafit,reference"]
+    refused = subprocess.run(unknown, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no system 'reference'" in refused.stderr
+
 
 def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
     import subprocess
