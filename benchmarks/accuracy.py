@@ -211,7 +211,9 @@ def run_lorafit(
     else:
         source = DataOptions(source=data, balance=p["balance"], stratify=p["stratify"], split=p["split"])
     source.seed = DATA_SEED
-    options = RunOptions(model=args.model, lora=lora, train=train, data=source, out=str(out), examples=0)
+    options = RunOptions(
+        model=args.model, lora=lora, train=train, data=source, out=str(out), examples=0, overwrite=True
+    )  # a rerun replaces its row's run
     run_dir = train_run(options, log=lambda message: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())

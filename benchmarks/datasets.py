@@ -106,7 +106,9 @@ def run_lorafit(
     from lorafit.run import RunOptions, evaluate_run, train_run
 
     train = TrainConfig(seed=seed, precision=precision, epochs=epochs, lr=lr)
-    options = RunOptions(model=model, train=train, data=data_options(files), out=str(out), examples=0)
+    options = RunOptions(
+        model=model, train=train, data=data_options(files), out=str(out), examples=0, overwrite=True
+    )  # a rerun replaces its row's run
     start = time.perf_counter()
     run_dir = train_run(options, log=lambda *a, **k: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -422,7 +422,7 @@ def train_gpt2_run(data: str, out: Path) -> str:
     from lorafit.config import TrainConfig
     from lorafit.run import DataOptions, RunOptions, train_run
 
-    options = RunOptions(model="gpt2", weights="random", out=str(out), examples=0,
+    options = RunOptions(model="gpt2", weights="random", out=str(out), examples=0, overwrite=True,
                          train=TrainConfig(epochs=1, seed=1),
                          data=DataOptions(source=data, split=(0.2, 0.04, 0.76), seed=1, balance=True))  # fmt: skip
     return str(train_run(options, log=lambda *a, **k: None))

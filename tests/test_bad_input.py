@@ -153,3 +153,49 @@ def test_skipped_and_truncated_rows_are_reported(bad_files, tiny_gpt2_dir, capsy
     truncated = [line for line in printed.splitlines() if line.startswith("Tokens:")]
     assert truncated and "texts truncated to it" in truncated[0], printed
     assert int(truncated[0].split("; ")[1].split()[0]) > 0
+
+
+def test_train_refuses_an_out_directory_that_holds_anything_and_overwrite_replaces_only_a_run(
+    bad_files, tiny_gpt2_dir, capsys, monkeypatch
+):
+    import lorafit.run
+
+    run = bad_files / "run"
+    argv = ["train", "--model", tiny_gpt2_dir, "--data", bad_files / "good.tsv", "--epochs", "1",
+            "--out", run, "--precision", "fp32", "--examples", "0"]  # fmt: skip
+    assert run_main(argv, capsys)[0] == 0
+    adapter = (run / "adapter.safetensors").read_bytes()
+    code, _, stderr = run_main([*argv, "--seed", "7"], capsys)
+    assert_one_line_error(
+        code, stderr, f"--out {run}: a run is already there; choose another --out, or pass --overwrite"
+    )
+    # --overwrite with bad input: refused before anything is deleted
+    code, _, stderr = run_main([*argv, "--overwrite", "--data", bad_files / "missing.tsv"], capsys)
+    assert_one_line_error(code, stderr, "missing.tsv: no such file")
+    assert (run / "adapter.safetensors").read_bytes() == adapter
+
+    # interrupted once training starts: the earlier run's files are gone, not mixed with the new config
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lorafit.run, "fit", interrupted)
+        assert run_main([*argv, "--overwrite", "--seed", "7"], capsys)[0] != 0
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "labels.json", "log.jsonl"]
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 7
+    assert run_main([*argv, "--overwrite", "--seed", "8"], capsys)[0] == 0
+    assert (run / "adapter.safetensors").read_bytes() != adapter
+    # a directory of other files is never trained into, --overwrite or not; an unfinished run says --resume
+    other = bad_files / "notes"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gpt2"}')  # e.g. a Hugging Face model directory
+    for extra in ([], ["--overwrite"]):
+        code, _, stderr = run_main([*argv[:-6], "--out", other, *extra], capsys)
+        assert_one_line_error(code, stderr, "the directory is not empty and holds no lorafit run")
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+    (run / "metrics.json").unlink()
+    (run / "checkpoint.pt").write_bytes(b"")
+    code, _, stderr = run_main(argv, capsys)
+    assert_one_line_error(
+        code, stderr, f"an unfinished run is there; continue it with lorafit train --resume {run}"
+    )

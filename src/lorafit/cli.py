@@ -195,6 +195,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         model=args.model, weights=args.weights, pooling=args.pooling, lora=lora_config_from(args),
         train=train_config_from(args), data=train_data_options_from(args), max_length=args.max_length,
         out=args.out, examples=args.examples, checkpoint_every=args.checkpoint_every, class_weights=args.class_weights,
+        overwrite=args.overwrite,
     )  # fmt: skip
     train_run(options)
 
@@ -472,7 +473,9 @@ def _add_training_options(p) -> None:
     add_attention_option(g)
     add_gelu_option(g)
     add_malloc_option(g)
-    g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    g.add_argument("--out", default=None, help="run directory, new or empty (default runs/<timestamp>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its files go once the new run's data and model are ready)")  # fmt: skip
     g.add_argument(
         "--examples", type=int, default=5, help="example predictions printed at the end (default 5)"
     )

@@ -62,9 +62,44 @@ class RunOptions:
     examples: int = 0  # example predictions printed at the end
     checkpoint_every: int = 0  # also checkpoint every N batches (epoch ends always checkpoint)
     class_weights: str | None = None  # --class-weights: "balanced" or "ham=1,spam=3"
+    overwrite: bool = False  # --overwrite: replace the run already in `out`
 
 
 CHECKPOINT = "checkpoint.pt"
+# What a run directory holds (written by `RunDirectory` and `finish_run`): what `--overwrite` deletes.
+RUN_FILES = ("config.json", "labels.json", "log.jsonl", CHECKPOINT, "adapter.safetensors", "metrics.json",
+             "loss.png", "accuracy.png", "confusion.png")  # fmt: skip
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` holds a lorafit run (trained or imported): a config.json that lorafit wrote."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "lorafit_version" in config and "labels" in config
+
+
+def check_out_dir(out: str | None, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds anything: a trained run is hours of work, and any other
+    files could be clobbered. `overwrite` lets a new run replace an earlier run (never other files)."""
+    if out is None:
+        return  # runs/<timestamp>: new
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LorafitError(f"--out {out}: exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not is_run_directory(path):
+        raise LorafitError(f"--out {out}: the directory is not empty and holds no lorafit run (choose a new one)")
+    if overwrite:
+        return
+    if (path / CHECKPOINT).is_file() and not (path / "metrics.json").is_file():
+        raise LorafitError(f"--out {out}: an unfinished run is there; continue it with lorafit train --resume "
+                           f"{out}, choose another --out, or pass --overwrite to start it over")  # fmt: skip
+    raise LorafitError(
+        f"--out {out}: a run is already there; choose another --out, or pass --overwrite to replace it"
+    )
 
 
 def options_from_run_config(config: dict, run_dir: str | os.PathLike) -> RunOptions:
@@ -157,7 +192,10 @@ def train_run(options: RunOptions, log=print, resume: bool = False) -> Path:
     """Train a classifier as `options` say and write its run directory; returns the directory.
 
     With `resume`, `options.out` is an interrupted run: training continues from its `checkpoint.pt`
-    (written at each epoch end and every `options.checkpoint_every` batches)."""
+    (written at each epoch end and every `options.checkpoint_every` batches). Otherwise `options.out` must
+    be new or empty, or hold an earlier run and `options.overwrite` be set (`check_out_dir`)."""
+    if not resume:
+        check_out_dir(options.out, options.overwrite)
     setup = resolve_setup(options, log)
     data = prepare_data(options, setup)
     setup.train = replace(setup.train, class_weights=resolve_class_weights(options.class_weights, data))
@@ -340,6 +378,9 @@ class RunDirectory:
             return run
         if run.main:
             run.directory.mkdir(parents=True, exist_ok=True)
+            if options.overwrite:  # only now, every input checked: the earlier run's files go
+                for name in RUN_FILES:
+                    (run.directory / name).unlink(missing_ok=True)
             write_json_atomic(run.directory / "config.json", run_config(options, setup, data))
             write_json_atomic(run.directory / "labels.json", data.names)
             run.log_path.write_text("")
