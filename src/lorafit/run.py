@@ -91,7 +91,9 @@ def check_out_dir(out: str | None, overwrite: bool) -> None:
     if not path.is_dir() or not any(path.iterdir()):
         return
     if not is_run_directory(path):
-        raise LorafitError(f"--out {out}: the directory is not empty and holds no lorafit run (choose a new one)")
+        raise LorafitError(
+            f"--out {out}: the directory is not empty and holds no lorafit run (choose a new one)"
+        )
     if overwrite:
         return
     if (path / CHECKPOINT).is_file() and not (path / "metrics.json").is_file():
