@@ -61,6 +61,7 @@ def test_train_writes_the_run_directory(tiny_gpt2_dir, sms_file, tmp_path, capsy
         assert set(metrics[split]) >= {"accuracy", "per_class", "confusion_matrix"}
         assert set(metrics[split]["per_class"]["spam"]) >= {"precision", "recall", "f1"}
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["kept_epoch"] == 2  # GPT-2 keeps its last epoch
     assert set(metrics["epochs"][0]) >= {
         "seconds",
         "train_loss",
@@ -552,3 +553,30 @@ def test_keep_best_suggests_more_epochs_only_when_the_last_epoch_validated_best(
     assert lines[0].startswith(f"Keeping epoch {best} ")
     assert torch.equal(weight.detach(), torch.full((2,), float(best)))
     assert any("more --epochs may help" in line for line in lines) == hint
+    from lorafit.train import kept_epoch
+
+    assert kept_epoch(state.history, keep_best=True) == best
+    assert kept_epoch(state.history, keep_best=False) == 3
+
+
+def test_plots_mark_the_kept_epoch_only_when_it_is_not_the_last(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorafit.plots import _mark_kept, plot_accuracy, plot_loss
+
+    epochs = [{"epoch": i, "train_loss": 0.5 / i, "val_loss": 0.3, "train_accuracy": 0.9, "val_accuracy": 0.9}
+              for i in (1, 2, 3)]  # fmt: skip
+    for kept, marked in ((2, True), (3, False), (None, False)):
+        fig, ax = plt.subplots()
+        _mark_kept(ax, epochs, kept)
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels == (["weights kept: epoch 2"] if marked else []), labels
+        plt.close(fig)
+    plot_loss(epochs, [], tmp_path / "loss.png", kept=2)
+    plot_accuracy(epochs, tmp_path / "accuracy.png", kept=2)
+    assert (
+        (tmp_path / "loss.png").read_bytes()[:4] == (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    )

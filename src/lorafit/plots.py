@@ -16,6 +16,12 @@ def _figure():
     return plt, *plt.subplots(figsize=(7, 4.5), dpi=100)
 
 
+def _mark_kept(ax, epochs: list[dict], kept: int | None) -> None:
+    """A dotted line at the epoch whose weights the run kept, when that is not simply the last one."""
+    if kept is not None and epochs and kept != epochs[-1]["epoch"]:
+        ax.axvline(kept, color="gray", linestyle=":", label=f"weights kept: epoch {kept}")
+
+
 def _save(plt, fig, ax, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
@@ -25,8 +31,11 @@ def _save(plt, fig, ax, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def plot_loss(epochs: list[dict], steps: list[dict], path: str | os.PathLike) -> None:
-    """Training loss per logged batch and per epoch, and validation loss per epoch, against epochs."""
+def plot_loss(
+    epochs: list[dict], steps: list[dict], path: str | os.PathLike, kept: int | None = None
+) -> None:
+    """Training loss per logged batch and per epoch, and validation loss per epoch, against epochs; `kept`:
+    the epoch whose weights the run kept (marked when it is not the last)."""
     plt, fig, ax = _figure()
     if steps:
         per_epoch = {}
@@ -59,18 +68,20 @@ def plot_loss(epochs: list[dict], steps: list[dict], path: str | os.PathLike) ->
         label="validation loss",
     )
     ax.set_xlabel("epoch")
+    _mark_kept(ax, epochs, kept)
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss")
     _save(plt, fig, ax, path)
 
 
-def plot_accuracy(epochs: list[dict], path: str | os.PathLike) -> None:
-    """Training (running, per epoch) and validation accuracy per epoch."""
+def plot_accuracy(epochs: list[dict], path: str | os.PathLike, kept: int | None = None) -> None:
+    """Training (running, per epoch) and validation accuracy per epoch; `kept` as in `plot_loss`."""
     plt, fig, ax = _figure()
     x = [e["epoch"] for e in epochs]
     ax.plot(x, [100 * e["train_accuracy"] for e in epochs], "o-", label="training accuracy")
     ax.plot(x, [100 * e["val_accuracy"] for e in epochs], "s--", label="validation accuracy")
     ax.set_xlabel("epoch")
+    _mark_kept(ax, epochs, kept)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy")
     ax.set_xticks(x)

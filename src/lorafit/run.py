@@ -44,7 +44,7 @@ from .errors import LorafitError
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .metrics import format_report, metrics_from_logits
-from .train import Split, evaluate, fit, packs_batches, predict_logits, seed_everything
+from .train import Split, evaluate, fit, kept_epoch, packs_batches, predict_logits, seed_everything
 
 
 @dataclass
@@ -469,6 +469,7 @@ def finish_run(
                 progress=True, desc=name,
             )  # fmt: skip
     metrics["epochs"] = history
+    metrics["kept_epoch"] = kept_epoch(history, setup.train.keep_best)  # whose weights the adapter holds
     if not run.main:
         return
     write_json_atomic(run.directory / "metrics.json", metrics)
@@ -498,8 +499,8 @@ def finish_run(
 def _plot(run_dir: Path, history: list[dict], steps: list[dict], metrics: dict, names: list[str]) -> None:
     from .plots import plot_accuracy, plot_confusion, plot_loss
 
-    plot_loss(history, steps, run_dir / "loss.png")
-    plot_accuracy(history, run_dir / "accuracy.png")
+    plot_loss(history, steps, run_dir / "loss.png", kept=metrics["kept_epoch"])
+    plot_accuracy(history, run_dir / "accuracy.png", kept=metrics["kept_epoch"])
     split = "test" if "test" in metrics else "val"
     title = (
         f"{'Test' if split == 'test' else 'Validation'} confusion matrix ({metrics[split]['count']:,} texts)"

@@ -417,9 +417,14 @@ def _end_epoch(model, state: TrainState, val: Split, label_names, config: TrainC
     state.start_epoch(state.epoch + 1)
 
 
+def kept_epoch(history: list[dict], keep_best: bool) -> int:
+    """The epoch whose weights a run ends with: the lowest validation loss with `keep_best`, else the last."""
+    return (min(history, key=lambda r: r["val_loss"]) if keep_best else history[-1])["epoch"]
+
+
 def _keep_best(state: TrainState, config: TrainConfig, print_fn) -> None:
     if config.keep_best and state.best_state is not None and len(state.history) > 1:
-        best = min(state.history, key=lambda r: r["val_loss"])
+        best = min(state.history, key=lambda r: r["val_loss"])  # kept_epoch's choice
         with torch.no_grad():
             for name, p in state.named:
                 p.copy_(state.best_state[name])
