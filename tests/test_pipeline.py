@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -580,3 +581,12 @@ def test_plots_mark_the_kept_epoch_only_when_it_is_not_the_last(tmp_path):
     assert (
         (tmp_path / "loss.png").read_bytes()[:4] == (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     )
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    import lorafit.run
+
+    monkeypatch.setattr(lorafit.run.time, "strftime", lambda fmt: "20261206-120000")
+    names = [lorafit.run.new_run_directory(tmp_path / "runs") for _ in range(3)]
+    assert [Path(n).name for n in names] == ["20261206-120000", "20261206-120000-2", "20261206-120000-3"]
+    assert all(Path(n).is_dir() for n in names)

@@ -80,6 +80,20 @@ def is_run_directory(path: Path) -> bool:
     return isinstance(config, dict) and "lorafit_version" in config and "labels" in config
 
 
+def new_run_directory(root: Path = Path("runs")) -> str:
+    """Create and return `runs/<timestamp>`, or `runs/<timestamp>-2`, -3, ... when another run (a sweep's
+    other process, say) took that second's name first: mkdir claims a name atomically."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return str(path)
+        except FileExistsError:
+            continue
+    raise LorafitError(f"{root}: no free run directory name for {stamp}; pass --out")
+
+
 def check_out_dir(out: str | None, overwrite: bool) -> None:
     """Refuse to train into a directory that holds anything: a trained run is hours of work, and any other
     files could be clobbered. `overwrite` lets a new run replace an earlier run (never other files)."""
@@ -366,7 +380,7 @@ class RunDirectory:
     def open(cls, options: RunOptions, setup: RunSetup, data: RunData, resume: bool) -> RunDirectory:
         """Name the directory (rank 0 chooses), check that every rank has the same settings and data, and
         start it, or (`resume`) check that it is the run that was started and load its checkpoint."""
-        name = options.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        name = options.out or (new_run_directory() if setup.main else None)  # rank 0 names it
         run = cls(Path(distributed.broadcast(name)), setup.main)
         settings = {
             **asdict(options),
