@@ -164,3 +164,20 @@ def test_the_separate_path_is_kept_where_one_product_would_differ():
     assert _adjacent_rows([b.weight for b in bases]) is None
     fuse_shared_input_weights(plain)
     assert _adjacent_rows([b.weight for b in bases]) is not None
+
+
+def test_under_torch_compile_each_projection_runs_its_own_product(monkeypatch):
+    """Storage pointers do not trace: under `torch.compile` the fused path stands aside (it made inductor's
+    dynamic-shape code fail with a NameError, checked on torch 2.13), and the separate path computes the same."""
+    model = tiny_model("gpt2", LoRAConfig(rank=4, alpha=8))
+    attn = model.blocks[0].attn
+    weights = [attn.query.base.weight, attn.key.base.weight, attn.value.base.weight]
+    assert _adjacent_rows(weights) is not None
+    fused_out, fused_grads = run(model, fused=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _adjacent_rows(weights) is None
+    assert fused_products(model) == 0
+    compiling_out, compiling_grads = run(model, fused=True)
+    torch.testing.assert_close(compiling_out, fused_out)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(compiling_grads[name], grad)

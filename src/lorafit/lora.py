@@ -111,8 +111,8 @@ def _adjacent_rows(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     """One tensor spanning `tensors` when they are contiguous, consecutive pieces of one storage (what
     `fuse_shared_input_weights` makes them), else None. A view: nothing is copied."""
     first = tensors[0]
-    if first is None or any(t is None for t in tensors):
-        return None
+    if first is None or any(t is None for t in tensors) or torch.compiler.is_compiling():
+        return None  # storage pointers do not trace: under torch.compile, one product each
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in tensors:
         if (
