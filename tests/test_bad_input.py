@@ -183,6 +183,10 @@ def test_train_refuses_an_out_directory_that_holds_anything_and_overwrite_replac
         assert run_main([*argv, "--overwrite", "--seed", "7"], capsys)[0] != 0
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "labels.json", "log.jsonl"]
     assert json.loads((run / "config.json").read_text())["train"]["seed"] == 7
+    code, _, stderr = run_main(argv, capsys)
+    assert_one_line_error(
+        code, stderr, "a run that stopped before its first checkpoint is there; pass --overwrite"
+    )
     assert run_main([*argv, "--overwrite", "--seed", "8"], capsys)[0] == 0
     assert (run / "adapter.safetensors").read_bytes() != adapter
     # a directory of other files is never trained into, --overwrite or not; an unfinished run says --resume
@@ -194,6 +198,7 @@ def test_train_refuses_an_out_directory_that_holds_anything_and_overwrite_replac
         assert_one_line_error(code, stderr, "the directory is not empty and holds no lorafit run")
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
     (run / "metrics.json").unlink()
+    (run / "adapter.safetensors").unlink()
     (run / "checkpoint.pt").write_bytes(b"")
     code, _, stderr = run_main(argv, capsys)
     assert_one_line_error(

@@ -110,9 +110,13 @@ def check_out_dir(out: str | None, overwrite: bool) -> None:
         )
     if overwrite:
         return
-    if (path / CHECKPOINT).is_file() and not (path / "metrics.json").is_file():
+    unfinished = not (path / "metrics.json").is_file() and not (path / "adapter.safetensors").is_file()
+    if unfinished and (path / CHECKPOINT).is_file():
         raise LorafitError(f"--out {out}: an unfinished run is there; continue it with lorafit train --resume "
                            f"{out}, choose another --out, or pass --overwrite to start it over")  # fmt: skip
+    if unfinished:
+        raise LorafitError(f"--out {out}: a run that stopped before its first checkpoint is there; pass "
+                           "--overwrite to start it over, or choose another --out")  # fmt: skip
     raise LorafitError(
         f"--out {out}: a run is already there; choose another --out, or pass --overwrite to replace it"
     )
