@@ -322,18 +322,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(runs, limits, host=args.host, port=args.port, device=args.device, precision=args.precision)
 
 
-def _check_out_dir(out: str, is_ours) -> None:
-    """Refuse to write into a non-empty directory unless it holds an earlier result of the same command
-    (`is_ours(path)`): anything else there could be clobbered."""
-    from pathlib import Path
-
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise LorafitError(f"--out {out}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not is_ours(path):
-        raise LorafitError(f"--out {out}: directory is not empty (choose a new directory)")
-
-
 def _earlier_import(path) -> bool:
     try:
         return "imported_from" in json.loads((path / "config.json").read_text())
@@ -344,8 +332,9 @@ def _earlier_import(path) -> bool:
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a run as a Hugging Face PEFT adapter or as a merged Hugging Face model."""
     from .interop import export_merged, export_peft
+    from .run import refuse_occupied_out
 
-    _check_out_dir(args.out, lambda path: (path / "lorafit_export.json").is_file())
+    refuse_occupied_out(args.out, lambda path: (path / "lorafit_export.json").is_file())
     out = export_peft(args.run, args.out) if args.format == "peft" else export_merged(args.run, args.out)
     print(f"Exported {args.run} ({args.format}) to {out}; see {out}/README.md to load it")
 
@@ -353,8 +342,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     """Turn a PEFT LoRA adapter into a lorafit run directory (for eval / predict)."""
     from .interop import import_peft
+    from .run import refuse_occupied_out
 
-    _check_out_dir(args.out, _earlier_import)  # never over a trained run
+    refuse_occupied_out(args.out, _earlier_import)  # never over a trained run
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     out = import_peft(args.peft, args.out, base=args.base, weights=args.weights, labels=labels)
     print(f'Imported {args.peft} into {out}; try: lorafit predict --run {out} "some text"')

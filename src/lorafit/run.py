@@ -94,21 +94,26 @@ def new_run_directory(root: Path = Path("runs")) -> str:
     raise LorafitError(f"{root}: no free run directory name for {stamp}; pass --out")
 
 
+def refuse_occupied_out(out: str, is_ours, what: str = "") -> bool:
+    """Refuse an `--out` that is a file, or a non-empty directory unless `is_ours(path)` (an earlier result
+    of the same command; `what` says what it lacks otherwise). Returns whether it holds anything."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LorafitError(f"--out {out}: exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    if not is_ours(path):
+        raise LorafitError(f"--out {out}: the directory is not empty{what} (choose a new one)")
+    return True
+
+
 def check_out_dir(out: str | None, overwrite: bool) -> None:
     """Refuse to train into a directory that holds anything: a trained run is hours of work, and any other
     files could be clobbered. `overwrite` lets a new run replace an earlier run (never other files)."""
     if out is None:
         return  # runs/<timestamp>: new
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise LorafitError(f"--out {out}: exists and is not a directory")
-    if not path.is_dir() or not any(path.iterdir()):
-        return
-    if not is_run_directory(path):
-        raise LorafitError(
-            f"--out {out}: the directory is not empty and holds no lorafit run (choose a new one)"
-        )
-    if overwrite:
+    if not refuse_occupied_out(out, is_run_directory, " and holds no lorafit run") or overwrite:
         return
     unfinished = not (path / "metrics.json").is_file() and not (path / "adapter.safetensors").is_file()
     if unfinished and (path / CHECKPOINT).is_file():
