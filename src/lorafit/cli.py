@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import LORA_TARGET_MODULES, LoRAConfig, TrainConfig
+from .config import DEFAULT_MODEL, LORA_TARGET_MODULES, LoRAConfig, TrainConfig
 from .errors import LorafitError
 
 RECIPES = {
@@ -42,13 +42,13 @@ def _int_list(text: str) -> list[int]:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="minilm-l6",
-                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, minilm-l6 (all-MiniLM-L6-v2, packaged, offline), "
-                        "mpnet-base (all-mpnet-base-v2, packaged, offline: about 8x MiniLM's work per token, see "
-                        "docs/models.md), or a local HF directory whose config.json says gpt2, bert or mpnet "
-                        "(default: minilm-l6)")  # fmt: skip
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="mpnet-base (all-mpnet-base-v2 from PyPI, offline: the accurate one), minilm-l6 "
+                        "(all-MiniLM-L6-v2 from PyPI, offline: the fast one, 3-7x less time per epoch; see "
+                        "docs/models.md), gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local HF directory whose "
+                        f"config.json says gpt2, bert or mpnet (default: {DEFAULT_MODEL})")  # fmt: skip
     g.add_argument("--weights", default="pretrained",
-                   help="pretrained (download GPT-2 / the packaged MiniLM), random, or a local directory / "
+                   help="pretrained (download GPT-2 / the packaged MPNet or MiniLM), random, or a local directory / "
                         ".safetensors file (default: pretrained)")  # fmt: skip
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 8)")
     g.add_argument(

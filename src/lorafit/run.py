@@ -30,7 +30,14 @@ from .classifier import (
     resolve_model,
     save_adapter,
 )
-from .config import DataOptions, LoRAConfig, TrainConfig, config_from_dict, resolve_train_config
+from .config import (
+    DEFAULT_MODEL,
+    DataOptions,
+    LoRAConfig,
+    TrainConfig,
+    config_from_dict,
+    resolve_train_config,
+)
 from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
 from .devices import (
     cap_kernel_cache,
@@ -51,7 +58,7 @@ from .train import Split, evaluate, fit, kept_epoch, packs_batches, predict_logi
 class RunOptions:
     """Everything `lorafit train` takes."""
 
-    model: str = "minilm-l6"
+    model: str = DEFAULT_MODEL
     weights: str = "pretrained"
     pooling: str | None = None
     lora: LoRAConfig | None = field(default_factory=LoRAConfig)  # None: full fine-tuning

