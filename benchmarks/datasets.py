@@ -1,10 +1,10 @@
-"""Accuracy across real data sets with their own splits: lorafit's MiniLM defaults (several seeds) against
-TF-IDF + logistic regression (C chosen on validation) and Hugging Face transformers + PEFT with the same
-backbone and recipe, each given the data set's own train / validation / test files (lorafit through
+"""Accuracy across real data sets with their own splits: lorafit's defaults for `--model` (MPNet unless told;
+several seeds) against TF-IDF + logistic regression (C chosen on validation) and Hugging Face transformers +
+PEFT with the same backbone and recipe, each given the data set's own train / validation / test files (lorafit through
 `--data TRAIN --val-data DEV --test-data TEST`).
 
     python benchmarks/datasets.py --datasets all [--seeds 1,2,3] [--hf-seeds 1] [--data-root ../shared/data]
-        [--model mpnet-base] [--epochs N] [--lr LR]
+        [--model minilm-l6] [--epochs N] [--lr LR] [--systems lorafit,tfidf,hf-peft]
 
 Data sets (../shared/data, see its DATASETS.md):
   youtube_spam  train / dev / test as published (the Snorkel tutorial's split).

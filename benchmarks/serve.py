@@ -515,7 +515,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--run", default="runs/main", help="a MiniLM run directory (lorafit train --out runs/main)"
+        "--run",
+        default="runs/main",
+        help="a run directory (the README's figures: a MiniLM run, lorafit train --model minilm-l6 --out runs/minilm)",
     )
     parser.add_argument(
         "--hf-run", default=None, help="an HF-exportable run (e.g. --pooling pooler) for the pipeline row"
