@@ -16,7 +16,6 @@ from torch import nn
 from .config import LORA_TARGET_MODULES, LoRAConfig
 from .devices import to_autocast_dtype
 from .errors import LorafitError
-from .models.dropout import Dropout
 
 
 class LoRALinear(nn.Module):
@@ -37,7 +36,7 @@ class LoRALinear(nn.Module):
         if not self.A.is_meta:
             # Same as nn.Linear's (and PEFT's) init of lora_A, whose weight is A transposed.
             nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     @property

@@ -28,7 +28,6 @@ from lorafit.devices import to_autocast_dtype
 from lorafit.errors import LorafitError
 from lorafit.lora import project_shared_input
 from lorafit.models.attention import attention
-from lorafit.models.dropout import Dropout
 from lorafit.models.gpt2 import run_block
 
 
@@ -44,7 +43,7 @@ class Embeddings(nn.Module):
         )
         self.position_offset = config.position_offset
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.drop = Dropout(config.hidden_dropout_prob)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
         self, input_ids: Tensor, token_type_ids: Tensor | None = None, positions: Tensor | None = None
@@ -133,7 +132,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.drop = Dropout(config.hidden_dropout_prob)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
         x = self.ln1(x + self.drop(self.attn(x, keep)))

@@ -22,7 +22,6 @@ from ..devices import to_autocast_dtype
 from ..errors import LorafitError
 from ..lora import project_shared_input
 from .attention import attention
-from .dropout import Dropout
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +121,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, select: torch.Tensor | None = None
@@ -144,7 +143,7 @@ class GPT2(nn.Module):
         self.d_model = config.d_model
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.context_length, config.d_model)
-        self.drop = Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
