@@ -13,14 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import (
-    GPT2_SIZES,
-    BertConfig,
-    GPT2Config,
-    LoRAConfig,
-    config_from_dict,
-    config_to_dict,
-)
+from .config import GPT2_SIZES, BertConfig, GPT2Config, LoRAConfig, config_from_dict, config_to_dict
 from .errors import LorafitError
 from .lora import ParameterCount, apply_lora, count_parameters, fuse_shared_input_weights
 from .models.gpt2 import GPT2

@@ -39,7 +39,7 @@ class GPT2Config:
 
 # `--model`'s default: all-mpnet-base-v2, the backbone that met every accuracy goal on the five benchmark data
 # sets (chosen on their validation splits; benchmarks/README.md, Accuracy). `minilm-l6` is the fast one:
-# about 3x less time per epoch with AMX, 7x less in fp32, 3 epochs instead of 5, for 0.8-5 points less.
+# about 3x less time per epoch with AMX, 7x less in fp32, 3 epochs instead of 5, for 0.2-5 points less.
 DEFAULT_MODEL = "mpnet-base"
 
 GPT2_SIZES: dict[str, dict[str, int]] = {
