@@ -155,3 +155,27 @@ def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 8 |")]
     assert len(rows) == 2, done.stdout
     assert "fit: step ≈" in done.stdout and "ms per token" in done.stdout
+
+
+def test_first_epoch_check_stops_after_epoch_one_and_reports_each_seed(
+    tmp_path: Path, tiny_gpt2_dir, sms_file, monkeypatch, capsys
+) -> None:
+    import first_epoch
+
+    import lorafit.run as run
+
+    original = run.RunDirectory.record
+    out = tmp_path / "run"
+    losses = first_epoch.first_epoch_losses(str(tiny_gpt2_dir), 1, str(sms_file), None, None, str(out))
+    assert losses and all(loss > 0 for loss in losses)
+    assert run.RunDirectory.record is original  # the hook is taken out again
+    assert not (out / "metrics.json").exists()  # stopped in epoch 2, before the run finished
+    epochs = [line for line in (out / "log.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
+    assert len(epochs) == 1
+    argv = ["first_epoch.py", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--seeds", "1,2",
+            "--out", str(out), "--chance", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    first_epoch.main()
+    printed = capsys.readouterr().out
+    assert "seed 1: loss every 10 batches" in printed and "collapsed: yes" in printed
+    assert printed.rstrip().endswith("2 of 2 first epochs collapsed")  # every loss is above a chance of 0
