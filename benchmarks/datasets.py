@@ -224,11 +224,9 @@ def run_hf_peft(files: dict, seed: int, precision: str, model: str = UNNAMED_MOD
     model (AdamW at its learning rate, weight decay 0.1 off biases and LayerNorms, linear schedule with 10 %
     warm-up, its epochs, batch 8, gradient clipping 1.0, the epoch with the lowest validation loss kept), in
     shuffled batches padded to their longest text."""
-    import copy
 
     import peft
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
     from lorafit.classifier import resolve_model
@@ -276,11 +274,31 @@ def run_hf_peft(files: dict, seed: int, precision: str, model: str = UNNAMED_MOD
         return metrics_from_logits(out, [names.index(y) for y in labels], names)
 
     trainable = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
+    texts, labels = parts["train"]
+    y = torch.tensor([names.index(label) for label in labels])
+    best, seconds = fit_hf_peft(trainable, logits_of, evaluate, texts, y, recipe, seed)
+    with torch.no_grad():
+        for p, kept in zip(trainable, best[2]):
+            p.copy_(kept)
+    row = {"val": scores(best[0]), "epoch_kept": best[1], "seconds_per_epoch": statistics.mean(seconds),
+           files["test_name"]: scores(evaluate(files["test_name"]))}  # fmt: skip
+    for name in files["extra"]:
+        row[name] = scores(evaluate(name))
+    return row
+
+
+def fit_hf_peft(trainable: list, logits_of, evaluate, texts: list[str], y, recipe, seed: int) -> tuple:
+    """The HF + PEFT row's training: lorafit's recipe (AdamW, weight decay off 1-d tensors, linear schedule
+    with 10 % warm-up, clipping at 1.0, batch 8 in a seeded random order); returns ((validation metrics,
+    epoch, weights) of the epoch with the lowest validation loss, seconds per epoch)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=recipe.lr, foreach=True)  # fmt: skip
-    texts, labels = parts["train"]
-    y = torch.tensor([names.index(label) for label in labels])
     steps = recipe.epochs * ((len(texts) + 7) // 8)
     warmup = round(0.1 * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -302,14 +320,7 @@ def run_hf_peft(files: dict, seed: int, precision: str, model: str = UNNAMED_MOD
         val = evaluate("val")
         if best is None or val["loss"] < best[0]["loss"]:
             best = (val, epoch + 1, copy.deepcopy([p.detach().clone() for p in trainable]))
-    with torch.no_grad():
-        for p, kept in zip(trainable, best[2]):
-            p.copy_(kept)
-    row = {"val": scores(best[0]), "epoch_kept": best[1], "seconds_per_epoch": statistics.mean(seconds),
-           files["test_name"]: scores(evaluate(files["test_name"]))}  # fmt: skip
-    for name in files["extra"]:
-        row[name] = scores(evaluate(name))
-    return row
+    return best, seconds
 
 
 DATASET_NAMES = ("youtube_spam", "emotion", "sst2", "sms-a", "sms-b")

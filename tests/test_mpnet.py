@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pathlib
 import zipfile
 
@@ -270,3 +271,40 @@ def test_dataset_benchmark_names_rows_by_the_recipe_the_runs_use(tiny_mpnet_dir,
     assert lorafit_row_name(mpnet, 3, None) == f"lorafit {mpnet} lr 0.0005"
     assert lorafit_row_name(mpnet, 3, 1e-3) == f"lorafit {mpnet}"
     assert lorafit_row_name(str(tiny_gpt2_dir), None, None) == f"lorafit {tiny_gpt2_dir}"  # GPT-2's own 5e-4
+
+
+def test_datasets_hf_peft_row_trains_an_mpnet_with_its_recipe(tiny_mpnet_dir, tmp_path, monkeypatch):
+    """benchmarks/datasets.py's HF + PEFT row on an MPNet: transformers' MPNetModel with PEFT LoRA on the six
+    projections lorafit adapts, trained for MPNet's 5 epochs at its learning rate."""
+    pytest.importorskip("peft")
+    import sys
+
+    from conftest import synthetic_sms
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import datasets as bench
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (tiny_mpnet_dir / "tokenizer_config.json").write_text(json.dumps(config))  # the word-level file as it is
+    rows = synthetic_sms(160)
+    paths = {}
+    for name, part in (("train", rows[:100]), ("val", rows[100:130]), ("test", rows[130:])):
+        paths[name] = bench.write_jsonl(tmp_path / f"{name}.jsonl", [(label, text) for label, text in part])
+    files = {**paths, "val_fraction": None, "extra": {}, "test_name": "test"}
+    seen = {}
+    original = bench.fit_hf_peft
+
+    def spy(trainable, logits_of, evaluate, texts, y, recipe, seed):
+        seen.update(count=sum(p.numel() for p in trainable), lr=recipe.lr, epochs=recipe.epochs)
+        return original(trainable, logits_of, evaluate, texts, y, recipe, seed)
+
+    monkeypatch.setattr(bench, "fit_hf_peft", spy)
+    row = bench.run_hf_peft(files, seed=1, precision="fp32", model=str(tiny_mpnet_dir))
+    # LoRA r8 on q, k, v, o (32 -> 32), intermediate (32 -> 64) and output (64 -> 32) of 2 layers, + a 2-class head
+    lora = 2 * (4 * 8 * (32 + 32) + 2 * 8 * (32 + 64))
+    assert seen == {"count": lora + 32 * 2 + 2, "lr": 5e-4, "epochs": 5}
+    assert 1 <= row["epoch_kept"] <= 5 and row["test"]["count"] == 30 and row["val"]["count"] == 30
+    assert (
+        bench.hf_row_name(str(tiny_mpnet_dir)).startswith("hf-peft ")
+        and bench.hf_row_name("minilm-l6") == "hf-peft"
+    )
