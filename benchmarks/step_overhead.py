@@ -11,6 +11,10 @@ how much a step could gain from fusing operations (a compiler) as opposed to fro
 
     python benchmarks/step_overhead.py [--precision auto] [--threads 2] [--lengths 2,8,16,30,60]
 
+`--without-adapters` bypasses every LoRA adapter (merged while their `B` is still zero, so the model
+computes the same) and trains block 0's first LayerNorm instead, so the backward pass still runs through
+all the blocks: the step without LoRA's products, the floor that no LoRA implementation can go below.
+
 `--smoke` runs a 2-layer, 64-wide GPT-2 for two lengths and two steps: it checks the plumbing only.
 
 Runs on whichever allocator the process has: for lorafit's default, preload tcmalloc
@@ -55,6 +59,18 @@ def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]
     return tuple(inputs[0].shape), (time.perf_counter() - start) / steps * 1e3
 
 
+def bypass_adapters(model) -> None:
+    """Every LoRA adapter merged (its `B` is still zero: the weights do not change) and frozen, and block
+    0's first LayerNorm weight trained instead, so the backward pass still runs through every block."""
+    from lorafit.lora import lora_modules, merge_lora
+
+    assert all(not m.B.any() for m in lora_modules(model)), "bypass a fresh model only"
+    merge_lora(model)
+    for module in lora_modules(model):
+        module.requires_grad_(False)
+    model.backbone.blocks[0].ln1.weight.requires_grad_(True)
+
+
 def main() -> None:
     import numpy as np
     import speed
@@ -74,6 +90,11 @@ def main() -> None:
     parser.add_argument("--lengths", default="2,8,16,30,60", help="tokens per text (8 texts a batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed warm steps per length")
     parser.add_argument(
+        "--without-adapters",
+        action="store_true",
+        help="LoRA bypassed, block 0's first LayerNorm trained instead: the step's floor without LoRA",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="a tiny GPT-2, 2 lengths, 2 steps: plumbing only"
     )
     args = parser.parse_args()
@@ -88,12 +109,19 @@ def main() -> None:
     model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
+    if args.without_adapters:
+        bypass_adapters(model)
     config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(named, config, 10_000)
     model.train()
-    print(f"GPT-2 {'SMOKE (2 layers x 64; numbers meaningless)' if args.smoke else '124M'}, LoRA r8 on all "
-          f"six projections, batches of 8 texts, {precision}, {args.threads} threads, {active_allocator()} malloc")  # fmt: skip
+    adapters = (
+        "LoRA bypassed (block 0's ln1 trained, gradients through every block)"
+        if args.without_adapters
+        else "LoRA r8 on all six projections"
+    )
+    print(f"GPT-2 {'SMOKE (2 layers x 64; numbers meaningless)' if args.smoke else '124M'}, {adapters}, "
+          f"batches of 8 texts, {precision}, {args.threads} threads, {active_allocator()} malloc")  # fmt: skip
     peak = speed.matmul_peak(args.threads)[precision]
     print(f"1024² matmul peak in {precision}: {peak:,.0f} GFLOP/s")
     print("| tokens per text | packed batch | tokens | ms per warm step |")

@@ -141,12 +141,13 @@ def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
     assert refused.returncode != 0 and "no system 'reference'" in refused.stderr
 
 
-def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
+@pytest.mark.parametrize("flags", [[], ["--without-adapters"]])
+def test_step_overhead_smoke_run_prints_its_table_and_fit(flags: list[str]) -> None:
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--precision", "fp32"],
+        [sys.executable, str(script), "--smoke", "--precision", "fp32", *flags],
         check=True,
         capture_output=True,
         text=True,
@@ -155,6 +156,7 @@ def test_step_overhead_smoke_run_prints_its_table_and_fit() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |") or line.startswith("| 8 |")]
     assert len(rows) == 2, done.stdout
     assert "fit: step ≈" in done.stdout and "ms per token" in done.stdout
+    assert ("LoRA bypassed" in done.stdout) == bool(flags), done.stdout
 
 
 def test_first_epoch_check_stops_after_epoch_one_and_reports_each_seed(
@@ -179,3 +181,30 @@ def test_first_epoch_check_stops_after_epoch_one_and_reports_each_seed(
     printed = capsys.readouterr().out
     assert "seed 1: loss every 10 batches" in printed and "collapsed: yes" in printed
     assert printed.rstrip().endswith("2 of 2 first epochs collapsed")  # every loss is above a chance of 0
+
+
+def test_bypassed_adapters_compute_the_same_and_still_send_gradients_through_every_block() -> None:
+    import dataclasses
+
+    import speed
+    import step_overhead
+    import torch
+
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import GPT2Config, LoRAConfig
+
+    spec = resolve_model("gpt2", "random")
+    spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
+    model, _ = build_classifier(
+        spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=1, device=torch.device("cpu")
+    )
+    ids = torch.randint(0, 50000, (2, 12))
+    before = model(ids, torch.ones_like(ids)).detach()
+    step_overhead.bypass_adapters(model)
+    after = model(ids, torch.ones_like(ids))
+    assert torch.allclose(before, after, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".A" in n or ".B" in n for n in trainable) and "backbone.blocks.0.ln1.weight" in trainable
+    after.sum().backward()
+    first = model.backbone.blocks[0].ln1.weight.grad
+    assert first is not None and first.abs().sum() > 0  # the backward pass reached block 0
