@@ -168,19 +168,26 @@ def test_first_epoch_check_stops_after_epoch_one_and_reports_each_seed(
 
     original = run.RunDirectory.record
     out = tmp_path / "run"
-    losses = first_epoch.first_epoch_losses(str(tiny_gpt2_dir), 1, str(sms_file), None, None, str(out))
+    losses, accuracy = first_epoch.first_epoch_losses(
+        str(tiny_gpt2_dir), 1, str(sms_file), None, None, str(out)
+    )
     assert losses and all(loss > 0 for loss in losses)
+    logged = [line for line in (out / "log.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
+    assert accuracy is not None and f'"val_accuracy": {accuracy}' in logged[0]  # epoch 1's, from its record
     assert run.RunDirectory.record is original  # the hook is taken out again
     assert not (out / "metrics.json").exists()  # stopped in epoch 2, before the run finished
     epochs = [line for line in (out / "log.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
     assert len(epochs) == 1
     argv = ["first_epoch.py", "--model", str(tiny_gpt2_dir), "--data", str(sms_file), "--seeds", "1,2",
-            "--out", str(out), "--chance", "0"]  # fmt: skip
+            "--out", str(out), "--chance-accuracy", "1"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     first_epoch.main()
     printed = capsys.readouterr().out
-    assert "seed 1: loss every 10 batches" in printed and "collapsed: yes" in printed
-    assert printed.rstrip().endswith("2 of 2 first epochs collapsed")  # every loss is above a chance of 0
+    assert "seed 1: loss every 10 batches" in printed and "validation accuracy" in printed
+    assert printed.rstrip().endswith("2 of 2 first epochs collapsed")  # every accuracy is at most 1
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], "-1"])
+    first_epoch.main()
+    assert capsys.readouterr().out.rstrip().endswith("0 of 2 first epochs collapsed")  # none at most -1
 
 
 def test_bypassed_adapters_compute_the_same_and_still_send_gradients_through_every_block() -> None:
