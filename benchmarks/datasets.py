@@ -216,7 +216,6 @@ def run_hf_peft(files: dict, seed: int, precision: str, model: str = UNNAMED_MOD
     model (AdamW at its learning rate, weight decay 0.1 off biases and LayerNorms, linear schedule with 10 %
     warm-up, its epochs, batch 8, gradient clipping 1.0, the epoch with the lowest validation loss kept), in
     shuffled batches padded to their longest text."""
-
     import peft
     import torch
     from transformers import AutoModel, AutoTokenizer
