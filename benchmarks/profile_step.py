@@ -72,7 +72,7 @@ def main() -> None:
     batches = training_batches(train, config, epoch=1)
 
     def step(batch) -> tuple[int, int]:
-        inputs = batch_inputs(train, list(batch), config, 50256, None, device)
+        inputs = batch_inputs(train, list(batch), config, 50256, None, device, precision)
         targets = torch.as_tensor([train.labels[i] for i in batch])
         with record_function("forward"), autocast(device, precision):
             logits = model(*inputs)

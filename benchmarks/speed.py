@@ -18,6 +18,8 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       written-out products (the attention lever off).
   lorafit-longest     the defaults with `--packed-width longest`: packed rows as wide as the batch's longest
                       text instead of the fitted width (the width lever off).
+  lorafit-fit16       the defaults with `--packed-width fit16`: packed widths multiples of 16 in fp32 too (in
+                      fp32 the any-width lever off; in bf16 the same as the defaults).
   lorafit-all-tokens  the defaults with GPT-2's last block run for every token instead of each text's last
                       token alone (`SequenceClassifier.select_last_tokens = False`: the last-token lever off).
   lorafit-no-packing  the same batches with `--no-packing`: each padded to its own longest text (the default
@@ -308,7 +310,7 @@ def run_lorafit(
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
     if packs_batches(config):
-        padded = sum(batch_inputs(timed, list(b), config, PAD_ID, None, device)[0].numel() for b in batches)
+        padded = sum(batch_inputs(timed, list(b), config, PAD_ID, None, device, precision)[0].numel() for b in batches)
     else:
         padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
     result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
@@ -472,6 +474,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packed_width="longest"),
         "label": "lorafit --packed-width longest ({precision})",
+    },
+    "lorafit-fit16": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", packed_width="fit16"),
+        "label": "lorafit --packed-width fit16 ({precision})",
     },
     "lorafit-all-tokens": {
         "needs": [],

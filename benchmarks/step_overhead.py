@@ -41,7 +41,7 @@ def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]
 
     train = Split(texts, [i % 2 for i in range(len(texts))])
     device = torch.device("cpu")
-    inputs = batch_inputs(train, list(range(len(texts))), config, 50256, None, device)
+    inputs = batch_inputs(train, list(range(len(texts))), config, 50256, None, device, precision)
     targets = torch.as_tensor(train.labels)
 
     def step() -> None:

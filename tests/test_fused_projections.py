@@ -83,7 +83,9 @@ def test_one_product_computes_what_three_do(family, targets):
     model = tiny_model(family, LoRAConfig(rank=4, alpha=8, targets=targets))
     fused_out, fused_grads = run(model, fused=True)
     plain_out, plain_grads = run(model, fused=False)
-    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+    # atol: the hidden states are O(1) after the last LayerNorm; a fp32-only AMD EPYC's MKL sums the fused
+    # product in another order and differs by up to 1.6e-6 there (a wrong fusion differs by ~0.1).
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
     assert fused_grads.keys() == plain_grads.keys() and len(plain_grads) == 2 * len(targets) * 2
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

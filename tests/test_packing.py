@@ -15,7 +15,14 @@ from lorafit.batching import collate, collate_packed, packed_width, segment_mask
 from lorafit.classifier import SequenceClassifier
 from lorafit.config import BertConfig, TrainConfig
 from lorafit.models.bert import Bert
-from lorafit.train import INFERENCE_WIDTH_MULTIPLE, Split, predict_logits, training_batches
+from lorafit.train import (
+    INFERENCE_WIDTH_MULTIPLE,
+    Split,
+    batch_inputs,
+    predict_logits,
+    train_width_multiple,
+    training_batches,
+)
 
 ROWS = [[10, 20, 30], [40, 50, 60, 70, 80, 90], [7], [11, 12, 13, 14]]
 
@@ -122,6 +129,10 @@ def test_packing_keeps_the_batches_and_only_changes_their_layout():
             ["--packed-width", "longest"],
             "batches: length-bucketed, classes mixed, packed into rows as wide as the longest",
         ),
+        (
+            ["--packed-width", "fit16"],
+            "batches: length-bucketed, classes mixed, packed into rows of fitted width",
+        ),
         (["--no-packing"], "batches: length-bucketed, classes mixed, padded"),
         (["--no-bucketing"], "batches: random, padded to"),
     ],
@@ -137,7 +148,7 @@ def test_cli_batching_modes_train_and_say_which(tiny_gpt2_dir, sms_file, tmp_pat
     assert "Test accuracy" in out + err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["packing"] == ("--packed-width" in flags or flags == [])
-    assert saved["packed_width"] == ("longest" if "longest" in flags else "fit")
+    assert saved["packed_width"] == (flags[1] if "--packed-width" in flags else "fit")
 
 
 def test_packed_width_fits_several_similar_texts_per_row():
@@ -151,6 +162,28 @@ def test_packed_width_fits_several_similar_texts_per_row():
         assert width % 8 == 0 and width >= max(lengths)
     with pytest.raises(ValueError, match="narrower than the longest row"):
         collate_packed(ROWS, 0, width=5)
+
+
+def test_fp32_packs_rows_of_any_width_and_bf16_multiples_of_16():
+    """`--packed-width fit`: any width in fp32 (MKL builds no per-shape kernels), multiples of 16 in bf16 and
+    fp16 (oneDNN does); `fit16` multiples of 16 in any precision; `longest` the longest text."""
+    train = Split(rows=[[1] * n for n in (17, 17, 17, 17, 9, 5, 33, 2)], labels=[0, 1] * 4)
+    rows = list(range(8))
+    widths = {}
+    for choice in ("fit", "fit16", "longest"):
+        config = TrainConfig(packed_width=choice)
+        for precision in ("fp32", "bf16", "fp16"):
+            ids, _, positions, segments = batch_inputs(train, rows, config, 0, None, "cpu", precision)
+            assert (segments >= 0).sum() == sum(len(r) for r in train.rows)  # every token, once
+            widths[choice, precision] = ids.shape[1]
+    # 117 tokens: two rows of 59 (33 + 17 + 9, 17 + 17 + 17 + 5 + 2: one padded cell), or of 64 (11).
+    assert widths["fit", "fp32"] == 59
+    assert widths["fit", "bf16"] == widths["fit", "fp16"] == widths["fit16", "fp32"] == 64
+    assert {widths["fit16", p] for p in ("bf16", "fp16")} == {64}
+    assert {widths["longest", p] for p in ("fp32", "bf16", "fp16")} == {33}
+    assert train_width_multiple(TrainConfig(), "fp32") == 1
+    assert train_width_multiple(TrainConfig(), "bf16") == 16
+    assert train_width_multiple(TrainConfig(packed_width="longest"), "fp32") is None
 
 
 @pytest.mark.parametrize("family,pooling", [("gpt2", "last"), ("bert", "cls")])

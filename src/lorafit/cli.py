@@ -453,9 +453,11 @@ def _add_training_options(p) -> None:
                    help="lay each batch out packed: its texts end to end in rows (--packed-width), "
                         "kept apart by the attention mask and their own positions (default); --no-packing: "
                         "one row per text, padded to the batch's longest")  # fmt: skip
-    g.add_argument("--packed-width", choices=("fit", "longest"), default="fit",
-                   help="packed row width: fit (default), the multiple of 16 that pads least, a row often "
-                        "holding two or three texts; longest: as wide as the batch's longest text")  # fmt: skip
+    g.add_argument("--packed-width", choices=("fit", "fit16", "longest"), default="fit",
+                   help="packed row width: fit (default), the width that pads least, a row often holding two "
+                        "or three texts: any width in fp32, a multiple of 16 in bf16 / fp16 (each new shape "
+                        "costs oneDNN kernels); fit16: a multiple of 16 in any precision; longest: as wide as "
+                        "the batch's longest text")  # fmt: skip
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, more time")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")

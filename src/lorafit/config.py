@@ -165,8 +165,9 @@ class TrainConfig:
     # Lay each batch out packed: its texts end to end in rows, not one padded row per text. Same batches,
     # same result (the attention mask keeps texts apart); fewer tokens.
     packing: bool = True
-    # Packed row width: "fit", the cheapest multiple of 16 (`batching.packed_width`), or "longest", as wide
-    # as the batch's longest text (the layout before fitting existed).
+    # Packed row width: "fit", the cheapest width (`batching.packed_width`; a multiple of 16 in bf16 / fp16,
+    # any in fp32: `train.train_width_multiple`), "fit16", the cheapest multiple of 16 in any precision, or
+    # "longest", as wide as the batch's longest text (the layout before fitting existed).
     packed_width: str = "fit"
     mix_classes: bool = True  # bucketed batches keep the classes mixed (sorted by length within each class)
     scheduler: str | None = None  # constant | linear | cosine

@@ -363,7 +363,7 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
         layout = "padded"
         if packs_batches(config):
             layout = "packed into rows " + (
-                "of fitted width" if config.packed_width == "fit" else "as wide as the longest"
+                "as wide as the longest" if config.packed_width == "longest" else "of fitted width"
             )
         batching = f"length-bucketed, {mixing}, {layout}"
     why = ""

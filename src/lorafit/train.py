@@ -26,11 +26,19 @@ from .metrics import metrics_from_logits
 # predict) then meets a few dozen batch shapes instead of hundreds, and oneDNN's per-shape kernels and the
 # allocator's per-shape blocks stop growing its memory (benchmarks/README.md, "Serving").
 INFERENCE_WIDTH_MULTIPLE = 16
-# Training packs rows to a multiple of this (`--packed-width fit`). Each new batch shape costs oneDNN
-# kernels that stay cached; on the GPT-2 124M SMS epoch (bf16) multiples of 8 / 16 / 32 gave 5.0 / 7.3 /
-# 6.3 % padding, 39 / 28 / 22 shapes, 60 / 63 / 67 s and a peak RSS of 1,400 / 1,260 / 1,180 MiB
-# (as wide as the longest text: 14.5 % padding).
+# Training packs rows to a multiple of this in bf16 and fp16 (`--packed-width fit`, or `fit16` in any
+# precision). Each new batch shape costs oneDNN kernels that stay cached; on the GPT-2 124M SMS epoch (bf16)
+# multiples of 8 / 16 / 32 gave 5.0 / 7.3 / 6.3 % padding, 39 / 28 / 22 shapes, 60 / 63 / 67 s and a peak
+# RSS of 1,400 / 1,260 / 1,180 MiB (as wide as the longest text: 14.5 % padding). fp32 products on a CPU
+# (MKL) have no per-shape kernels to build, so fp32 packs rows of any width: 1.9 % padding, 90 shapes.
 TRAIN_WIDTH_MULTIPLE = 16
+
+
+def train_width_multiple(config: TrainConfig, precision: str) -> int | None:
+    """The multiple packed training rows are rounded up to (see above); None: as wide as the longest text."""
+    if config.packed_width == "longest":
+        return None
+    return 1 if config.packed_width == "fit" and precision == "fp32" else TRAIN_WIDTH_MULTIPLE
 
 
 def seed_everything(seed: int) -> None:
@@ -251,15 +259,14 @@ def make_optimizer(named: list[tuple[str, nn.Parameter]], config: TrainConfig, t
     return optimizer, scheduler
 
 
-def batch_inputs(train: Split, rows: list[int], config: TrainConfig, pad_id: int, pad_to, device) -> tuple:
+def batch_inputs(
+    train: Split, rows: list[int], config: TrainConfig, pad_id: int, pad_to, device, precision: str
+) -> tuple:
     """A batch's model inputs: packed rows `(ids, None, positions, segments)` or padded `(ids, mask)`."""
     if packs_batches(config):
         texts = [train.rows[i] for i in rows]
-        width = (
-            packed_width([len(t) for t in texts], TRAIN_WIDTH_MULTIPLE)
-            if config.packed_width == "fit"
-            else None
-        )
+        multiple = train_width_multiple(config, precision)
+        width = packed_width([len(t) for t in texts], multiple) if multiple else None
         input_ids, positions, segments = collate_packed(texts, pad_id, width=width)
         return input_ids.to(device), None, positions.to(device), segments.to(device)
     input_ids, attention_mask = collate([train.rows[i] for i in rows], pad_id, pad_to)
@@ -329,7 +336,7 @@ def fit(
             rows, weight = distributed.my_rows(batch)
             targets = torch.as_tensor([train.labels[i] for i in rows], dtype=torch.long, device=device)
             with autocast(device, precision):
-                logits = forward(*batch_inputs(train, rows, config, pad_id, pad_to, device))
+                logits = forward(*batch_inputs(train, rows, config, pad_id, pad_to, device, precision))
             scale = distributed.loss_scale(len(batch), config.grad_accum, weight)
             loss_sum = batch_loss(logits, targets, config, scale) * weight
             stepped = index % config.grad_accum == 0 or index == len(batches)
