@@ -310,7 +310,9 @@ def run_lorafit(
     lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
     if packs_batches(config):
-        padded = sum(batch_inputs(timed, list(b), config, PAD_ID, None, device, precision)[0].numel() for b in batches)
+        padded = sum(
+            batch_inputs(timed, list(b), config, PAD_ID, None, device, precision)[0].numel() for b in batches
+        )
     else:
         padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
     result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
