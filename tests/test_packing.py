@@ -93,8 +93,25 @@ def test_inference_widths_rounded_to_a_multiple_give_the_padded_logits(family, p
     with torch.no_grad():
         padded = model(*collate(ROWS, 0))
         rounded = predict_logits(model, ROWS, pad_id=0, batch_size=len(ROWS), device=torch.device("cpu"),
-                                 precision="fp32")  # fmt: skip
+                                 precision="fp32", width_multiple=INFERENCE_WIDTH_MULTIPLE)  # fmt: skip
     torch.testing.assert_close(rounded, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_inference_widths_any_in_fp32_multiples_of_16_in_bf16_and_the_server(tiny_gpt2_config):
+    """`predict_logits` packs fp32 batches into rows of any width (MKL builds nothing per shape), bf16 ones
+    into multiples of 16; the server asks for multiples of 16 in any precision. Same logits."""
+    model = _classifier("gpt2", "last", tiny_gpt2_config).eval()
+    widths = []
+    model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    logits = {}
+    for precision, multiple in (("fp32", None), ("bf16", None), ("fp32", INFERENCE_WIDTH_MULTIPLE)):
+        logits[precision, multiple] = predict_logits(
+            model, ROWS, pad_id=0, batch_size=len(ROWS), device=torch.device("cpu"), precision=precision,
+            width_multiple=multiple,
+        )  # fmt: skip
+    assert widths == [7, 16, 16]  # 14 tokens: two rows of 7 (6 + 1, 4 + 3), or one of 16
+    torch.testing.assert_close(logits["fp32", None], logits["fp32", 16], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits["bf16", None], logits["fp32", 16], rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])

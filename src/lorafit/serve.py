@@ -137,8 +137,8 @@ class ServedRun:
 
     def logits(self, rows: list[list[int]]) -> torch.Tensor:
         """Logits of one batch of token rows, in the rows' order (one forward pass: the texts packed into rows
-        of the cheapest multiple of 16 tokens, as `lorafit predict` does)."""
-        from .train import predict_logits
+        of the cheapest multiple of 16 tokens in any precision, so the server meets few shapes)."""
+        from .train import INFERENCE_WIDTH_MULTIPLE, predict_logits
 
         c = self.classifier
         return predict_logits(
@@ -148,6 +148,7 @@ class ServedRun:
             batch_size=len(rows),
             device=c.device,
             precision=c.precision,
+            width_multiple=INFERENCE_WIDTH_MULTIPLE,
         )
 
     def info(self) -> dict:
