@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocator import release_free_memory
 from .data import _cell, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
@@ -50,6 +51,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
         writer = _writer(sink, fmt, columns, labels) if sink is not None else None
         for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
             rows += len(chunk)
+            release_free_memory()  # the chunk's batches are freed: its scattered blocks go back to the system
             if not main:
                 continue
             probabilities = torch.softmax(logits, dim=-1).tolist()

@@ -13,7 +13,6 @@ single run, or one whose base nobody shares, is served with LoRA merged into the
 
 import asyncio
 import copy
-import ctypes
 import gc
 import hmac
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .allocator import release_free_memory
 from .errors import LorafitError
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -374,16 +374,6 @@ def scores(text_scores: tuple[list[float], list[float]], labels: list[str], raw:
 PRIMITIVE_CACHE_CAPACITY = 64
 IDLE_TRIM_S = 0.1  # idle this long after a batch: hand the heap's free pages back (release_free_memory)
 BUSY_TRIM_S = 1.0  # under constant load, trim at most this often (about 2 ms each: 0.2 % of the worker)
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`, about 2 ms); elsewhere
-    nothing. Batches of ever new shapes leave freed blocks scattered in glibc's heap, which a server's
-    resident memory would otherwise keep (benchmarks/README.md, "Serving")."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
