@@ -103,9 +103,11 @@ LR = 5e-4
 WEIGHT_DECAY = 0.1
 RANK, ALPHA = 8, 16
 WARMUP_BATCHES = 2
-INFERENCE_BATCH = (
-    64  # lorafit's inference batch size (`--eval-batch-size`, `predict --batch-size`), and the HF rows'
-)
+# lorafit's inference batch size (`--eval-batch-size`, `predict --batch-size`; at most 8,192 tokens: the 300
+# test messages hold 9.3 k tokens). The HF rows keep 64, their own best: padded batches of 256 took HF's
+# eager attention to 4 GB and 6 messages/s instead of 14 (results/speed-fp32-epyc-6.json).
+INFERENCE_BATCH = 256
+HF_INFERENCE_BATCH = 64
 PAD_ID = 50256  # <|endoftext|>, GPT-2's padding token in the lab, in lorafit and here for HF
 
 GPT2_124M = dict(vocab_size=50257, context_length=1024, d_model=768, n_layer=12, n_head=12)
@@ -241,6 +243,7 @@ def run_lorafit(
     select_last_tokens: bool = True,
     fused_projections: bool = True,
     gelu: str = "auto",
+    streams: str = "auto",
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -256,12 +259,14 @@ def run_lorafit(
     from lorafit.lora import merge_lora, set_fused_projections
     from lorafit.models.attention import set_kernel
     from lorafit.models.gpt2 import set_gelu
+    from lorafit.streams import set_streams, stream_count
     from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
 
     cap_kernel_cache()  # as `lorafit train` does, before the first product
     set_kernel(attention)
     set_fused_projections(fused_projections)
     set_gelu(gelu)
+    set_streams(streams)
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
     spec = resolve_model("gpt2", "random")
@@ -336,6 +341,7 @@ def run_lorafit(
         "inference_messages": len(test_rows),
         "inference_real_tokens": sum(len(r) for r in test_rows),
         "measured_epoch_seconds": seconds if full_epoch else None,
+        "streams": stream_count(device, precision),  # inference's (training runs in one)
     }
 
 
@@ -410,11 +416,11 @@ def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
 
     test_rows = job["test"]["rows"]
     start = time.perf_counter()
-    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches of INFERENCE_BATCH
+    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches (of HF_INFERENCE_BATCH)
         merged = model.merge_and_unload()
         merged.eval()
         with torch.inference_mode(), amp():
-            for batch in sorted_batches([len(r) for r in test_rows], INFERENCE_BATCH):
+            for batch in sorted_batches([len(r) for r in test_rows], HF_INFERENCE_BATCH):
                 input_ids, attention_mask = collate([test_rows[i] for i in batch], PAD_ID)
                 merged(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
     else:  # as the lab: unmerged, no_grad, padded batches of 8 in order
@@ -456,6 +462,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
         "label": "lorafit defaults, one MEASURED epoch of every training row ({precision})",
+    },
+    "lorafit-one-stream": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", streams="1"),
+        "label": "lorafit --streams 1 ({precision})",
     },
     "lorafit-bf16": {
         "needs": [],
@@ -708,6 +719,7 @@ def summarise(runs: list[dict], epoch_batches: int) -> dict:
     summary["inference_messages"] = runs[0]["inference_messages"]
     summary["trainable_parameters"] = runs[0]["trainable_parameters"]
     summary["malloc"] = runs[0].get("malloc", "system")
+    summary["streams"] = runs[0].get("streams", 1)
     return summary
 
 
@@ -864,6 +876,7 @@ def parent_main(args: argparse.Namespace) -> None:
     labels = {
         name: SYSTEMS[name]["label"].format(L=data["max_length"], precision=s["precision"])
         + (" [tcmalloc]" if s["malloc"] == "tcmalloc" and "tcmalloc" not in SYSTEMS[name]["label"] else "")
+        + (f" [inference in {s['streams']} streams]" if s["streams"] > 1 else "")
         for name, s in summaries.items()
     }
     for name, r in runs.items():

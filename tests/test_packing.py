@@ -107,7 +107,7 @@ def test_batch_inference_widths_any_in_fp32_multiples_of_16_in_bf16_and_the_serv
     for precision, multiple in (("fp32", None), ("bf16", None), ("fp32", INFERENCE_WIDTH_MULTIPLE)):
         logits[precision, multiple] = predict_logits(
             model, ROWS, pad_id=0, batch_size=len(ROWS), device=torch.device("cpu"), precision=precision,
-            width_multiple=multiple,
+            width_multiple=multiple, streams=1,  # one batch, whose widths are counted
         )  # fmt: skip
     assert widths == [7, 16, 16]  # 14 tokens: two rows of 7 (6 + 1, 4 + 3), or one of 16
     torch.testing.assert_close(logits["fp32", None], logits["fp32", 16], rtol=1e-5, atol=1e-5)

@@ -60,10 +60,21 @@ def _rank_within_class(labels: np.ndarray) -> np.ndarray:
     return quantile
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Inference batches: rows sorted by length (longest first), so each batch pads very little."""
+def sorted_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Inference batches: rows sorted by length (longest first), so each batch pads very little; at most
+    `batch_size` rows each and, with `max_tokens`, at most that many tokens (but always one row at least)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start, tokens = [], 0, 0
+    for end, row in enumerate(order):
+        if end > start and (end - start == batch_size or tokens + lengths[row] > max_tokens):
+            batches.append(order[start:end])
+            start, tokens = end, 0
+        tokens += lengths[row]
+    return batches + [order[start:]] if start < len(order) else batches
 
 
 def collate(

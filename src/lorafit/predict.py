@@ -28,7 +28,7 @@ OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"
 
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
-                 header: bool | None = None, encoding: str = "utf-8", batch_size: int = 64,
+                 header: bool | None = None, encoding: str = "utf-8", batch_size: int = 256,
                  chunk_rows: int = 4096, as_json: bool = False) -> int:  # fmt: skip
     """Classify every row of `path`; write them to `out` (or print one line per row when `out` is None).
     Returns the number of rows."""

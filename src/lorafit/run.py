@@ -51,7 +51,16 @@ from .errors import LorafitError
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .metrics import format_report, metrics_from_logits
-from .train import Split, evaluate, fit, kept_epoch, packs_batches, predict_logits, seed_everything
+from .train import (
+    INFERENCE_BATCH_SIZE,
+    Split,
+    evaluate,
+    fit,
+    kept_epoch,
+    packs_batches,
+    predict_logits,
+    seed_everything,
+)
 
 
 @dataclass
@@ -583,7 +592,9 @@ class Classifier:
         self.device = device
         self.precision = precision
 
-    def logits(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    def logits(
+        self, texts: list[str], batch_size: int = INFERENCE_BATCH_SIZE, progress: bool = False
+    ) -> torch.Tensor:
         rows, _ = self.tokenizer.encode_batch(list(texts), self.max_length)
         rows = [r or [self.tokenizer.pad_id] for r in rows]  # an empty text still gets one position
         return predict_logits(
@@ -591,7 +602,9 @@ class Classifier:
             precision=self.precision, progress=progress,
         )  # fmt: skip
 
-    def predict(self, texts: list[str] | str, batch_size: int = 64, progress: bool = False) -> list[dict]:
+    def predict(
+        self, texts: list[str] | str, batch_size: int = INFERENCE_BATCH_SIZE, progress: bool = False
+    ) -> list[dict]:
         """Label and per-label probabilities for each text."""
         if isinstance(texts, str):
             texts = [texts]

@@ -149,6 +149,8 @@ class ServedRun:
             device=c.device,
             precision=c.precision,
             width_multiple=INFERENCE_WIDTH_MULTIPLE,
+            streams=1,  # the server's kernels run on its one inference thread (`inference_thread`)
+            max_tokens=None,  # the batcher's batch is one forward pass
         )
 
     def info(self) -> dict:
