@@ -243,7 +243,7 @@ def run_lorafit(
     select_last_tokens: bool = True,
     fused_projections: bool = True,
     gelu: str = "auto",
-    streams: str = "auto",
+    streams: str = "1",
 ) -> dict:
     """lorafit's own `fit` (timed by its epoch clock) on the timed rows, then merged-LoRA `predict_logits`.
 
@@ -341,7 +341,7 @@ def run_lorafit(
         "inference_messages": len(test_rows),
         "inference_real_tokens": sum(len(r) for r in test_rows),
         "measured_epoch_seconds": seconds if full_epoch else None,
-        "streams": stream_count(device, precision),  # inference's (training runs in one)
+        "streams": stream_count(device),  # inference's (training runs in one)
     }
 
 
@@ -463,10 +463,10 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
         "label": "lorafit defaults, one MEASURED epoch of every training row ({precision})",
     },
-    "lorafit-one-stream": {
+    "lorafit-two-streams": {
         "needs": [],
-        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", streams="1"),
-        "label": "lorafit --streams 1 ({precision})",
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", streams="2"),
+        "label": "lorafit --streams 2 ({precision})",
     },
     "lorafit-bf16": {
         "needs": [],

@@ -99,10 +99,10 @@ def add_malloc_option(p) -> None:
 
 
 def add_streams_option(p) -> None:
-    p.add_argument("--streams", default="auto",
-                   help="inference threads that each score a share of the texts on one core: auto (default) 2 "
-                        "on a 2-thread CPU in fp32 (~8 %% faster there), else 1; N: that many, each with "
-                        "threads / N cores (training always runs in one)")  # fmt: skip
+    p.add_argument("--streams", default="1",
+                   help="inference threads that each score a share of the texts, each on threads / N cores "
+                        "(default 1; 2 on a 2-core fp32 CPU: GPT-2 2 %% faster, MiniLM no faster and more "
+                        "memory; training always runs in one)")  # fmt: skip
 
 
 def set_runtime_options(args: argparse.Namespace) -> None:
@@ -118,7 +118,7 @@ def set_runtime_options(args: argparse.Namespace) -> None:
 
     set_kernel(getattr(args, "attention", "auto"))
     set_gelu(getattr(args, "gelu", "auto"))
-    set_streams(getattr(args, "streams", "auto"))
+    set_streams(getattr(args, "streams", 1))
 
 
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam") -> None:

@@ -1,12 +1,14 @@
 """CPU streams for inference: the texts split across threads that each run their kernels on one core.
 
 On a 2-core fp32 CPU, two threads of one intra-op thread each, every one scoring its own share of the
-texts in its own batches, beat one thread that spreads each kernel over both cores: a single-threaded
-product of a large inference batch wastes no time splitting and joining, and while one stream is between
-kernels (Python, GELU, attention's small products) the other keeps its core busy. Measured on a 2-core
-AMD EPYC without AVX-512 (GPT-2 124M, fp32, benchmarks/README.md "Streams"): the SMS test set scored
-about 8 % faster. Training was measured too and did not gain (a step's products are short: 8 texts), so
-`fit` runs in one stream; the server runs its batches on its one inference thread.
+texts in its own batches, can beat one thread that spreads each kernel over both cores: a single-threaded
+product wastes no time splitting and joining, and while one stream is between kernels (Python, GELU,
+attention's small products) the other keeps its core busy. Measured on a 2-core AMD EPYC without AVX-512
+(fp32, benchmarks/README.md, Speed, twenty-ninth session): GPT-2 124M scored the SMS test set 2 % faster in
+two streams, random MPNet-shaped models 4-7 %, but a pretrained MiniLM's `predict --file` of 20,000 rows
+was no faster and peaked 200-240 MB higher, so one stream is the default (`--streams 2` to choose two).
+Training was measured too and did not gain (a step's products are short: 8 texts), so `fit` always runs
+in one stream; the server runs its batches on its one inference thread.
 
 The threads share the model's weights (no copies). Results differ from one stream's by rounding only:
 each stream packs its own texts into rows.
@@ -23,32 +25,28 @@ import torch
 from .errors import LorafitError
 
 T = TypeVar("T")
-_streams: str = "auto"
+_streams: int = 1
 _pool: ThreadPoolExecutor | None = None
 
 
 def set_streams(value: str | int) -> None:
-    """Choose the inference streams for this process (`--streams`): "auto" (default) or a count >= 1."""
+    """Choose the inference streams for this process (`--streams`): a count >= 1 (default 1)."""
     global _streams
     text = str(value)
-    if text != "auto" and not (text.isdigit() and int(text) >= 1):
-        raise LorafitError(f"--streams must be auto or a whole number >= 1, got {value!r}")
-    _streams = text
+    if not (text.isdigit() and int(text) >= 1):
+        raise LorafitError(f"--streams must be a whole number >= 1, got {value!r}")
+    _streams = int(text)
 
 
-def get_streams() -> str:
+def get_streams() -> int:
     return _streams
 
 
-def stream_count(device: torch.device, precision: str) -> int:
-    """How many streams inference runs: the `--streams` count, or with "auto" 2 on a CPU in fp32 with 2
-    threads (the measured case), else 1."""
-    if _streams == "auto":
-        return 2 if device.type == "cpu" and precision == "fp32" and torch.get_num_threads() == 2 else 1
-    count = int(_streams)
-    if count > 1 and device.type != "cpu":
-        raise LorafitError(f"--streams {count} runs CPU threads; the device here is {device.type}")
-    return count
+def stream_count(device: torch.device) -> int:
+    """How many streams inference runs (`--streams`); more than one only on a CPU."""
+    if _streams > 1 and device.type != "cpu":
+        raise LorafitError(f"--streams {_streams} runs CPU threads; the device here is {device.type}")
+    return _streams
 
 
 def split_evenly(items: Sequence[int], lengths: Sequence[int], n: int) -> list[list[int]]:

@@ -31,8 +31,8 @@ from .streams import run_parallel, split_evenly, stream_count
 # its products run on MKL, which builds nothing per shape (SMS test set: 3.0 % padding instead of 6.9 %).
 INFERENCE_WIDTH_MULTIPLE = 16
 # Inference batches hold up to this many texts and this many tokens (`predict_logits`): fewer, larger
-# products. GPT-2 124M on the 300 SMS test messages (fp32 EPYC, 2 streams): one batch of 150 per stream
-# scored 7 % more messages/s than batches of 64 (8 rounds, 1.04-1.21x); the token cap keeps a batch of long
+# products. GPT-2 124M on the 300 SMS test messages (fp32 EPYC): one batch of 300 scored 6.5 % more
+# messages/s than batches of 64 (8 rotating rounds, 0.99-1.16x per round); the token cap keeps a batch of long
 # texts (BERT: up to 512 tokens each) to about 100 MB per 3072-wide activation.
 INFERENCE_BATCH_SIZE = 256
 INFERENCE_MAX_TOKENS = 8192
@@ -77,8 +77,8 @@ def predict_logits(
     `batch_size` texts and `max_tokens` tokens (None: no cap), each packed into rows of the cheapest multiple of `width_multiple` (`packing`, exactly what the
     padded batch computes, with fewer tokens; default 1 in fp32, else `INFERENCE_WIDTH_MULTIPLE`), or
     padded to its longest text. Under bf16 autocast, unless the model was cast whole for inference
-    (`devices.cast_for_inference`). `streams` threads (default `streams.stream_count`) each score an even
-    share of the rows in their own batches."""
+    (`devices.cast_for_inference`). `streams` threads (default `--streams`, `streams.stream_count`) each
+    score an even share of the rows in their own batches."""
     if width_multiple is None:
         width_multiple = 1 if precision == "fp32" else INFERENCE_WIDTH_MULTIPLE
     was_training = model.training
@@ -87,7 +87,7 @@ def predict_logits(
         model.eval()
     logits = torch.empty(len(rows), model.head.out_features)
     lengths = [len(r) for r in rows]
-    shares = split_evenly(range(len(rows)), lengths, streams or stream_count(device, precision))
+    shares = split_evenly(range(len(rows)), lengths, streams or stream_count(device))
     share_batches = [[np.asarray(share)[b] for b in sorted_batches([lengths[i] for i in share], batch_size, max_tokens)]
                      for share in shares]  # fmt: skip
     bar = tqdm(total=sum(map(len, share_batches)), desc=desc, leave=False, disable=not progress)
