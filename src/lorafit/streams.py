@@ -27,6 +27,7 @@ from .errors import LorafitError
 T = TypeVar("T")
 _streams: int = 1
 _pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 
 
 def set_streams(value: str | int) -> None:
@@ -63,9 +64,12 @@ def run_parallel(jobs: Sequence[Callable[[], T]]) -> list[T]:
     threads divided among them meanwhile. Grad mode and autocast are per thread: each job sets its own."""
     if len(jobs) <= 1:
         return [job() for job in jobs]
-    global _pool
-    if _pool is None or _pool._max_workers < len(jobs) - 1:
-        _pool = ThreadPoolExecutor(max_workers=len(jobs) - 1, thread_name_prefix="lorafit-stream")
+    global _pool, _pool_workers
+    if _pool_workers < len(jobs) - 1:
+        if _pool is not None:
+            _pool.shutdown(wait=False)  # idle: its jobs ended with the last call
+        _pool_workers = len(jobs) - 1
+        _pool = ThreadPoolExecutor(max_workers=_pool_workers, thread_name_prefix="lorafit-stream")
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // len(jobs)))
     try:

@@ -74,9 +74,9 @@ def predict_logits(
     max_tokens: int | None = INFERENCE_MAX_TOKENS,
 ) -> torch.Tensor:
     """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches of at most
-    `batch_size` texts and `max_tokens` tokens (None: no cap), each packed into rows of the cheapest multiple of `width_multiple` (`packing`, exactly what the
-    padded batch computes, with fewer tokens; default 1 in fp32, else `INFERENCE_WIDTH_MULTIPLE`), or
-    padded to its longest text. Under bf16 autocast, unless the model was cast whole for inference
+    `batch_size` texts and `max_tokens` tokens (None: no cap), each packed into rows of the cheapest
+    multiple of `width_multiple` (`packing`, exactly what the padded batch computes, with fewer tokens;
+    default 1 in fp32, else `INFERENCE_WIDTH_MULTIPLE`), or padded to its longest text. Under bf16 autocast, unless the model was cast whole for inference
     (`devices.cast_for_inference`). `streams` threads (default `--streams`, `streams.stream_count`) each
     score an even share of the rows in their own batches."""
     if width_multiple is None:
@@ -87,9 +87,10 @@ def predict_logits(
         model.eval()
     logits = torch.empty(len(rows), model.head.out_features)
     lengths = [len(r) for r in rows]
-    shares = split_evenly(range(len(rows)), lengths, streams or stream_count(device))
-    share_batches = [[np.asarray(share)[b] for b in sorted_batches([lengths[i] for i in share], batch_size, max_tokens)]
-                     for share in shares]  # fmt: skip
+    share_batches = [
+        [np.asarray(share)[b] for b in sorted_batches([lengths[i] for i in share], batch_size, max_tokens)]
+        for share in split_evenly(range(len(rows)), lengths, streams or stream_count(device))
+    ]
     bar = tqdm(total=sum(map(len, share_batches)), desc=desc, leave=False, disable=not progress)
     lock = threading.Lock()
 
