@@ -288,7 +288,7 @@ def run_tfidf(data: str, protocol: str) -> dict:
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -340,7 +340,11 @@ def main() -> None:
         metavar="RUN_DIR",
         help="only score these finished protocol-(a) run directories on the unused ham, then exit",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if not Path(args.data).is_file():
         sys.exit(f"accuracy.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
     if args.score_unused_ham:
@@ -352,32 +356,37 @@ def main() -> None:
     if args.cv:
         cross_validate(args, out)
         return
-    results = {}
+    results: dict = {}
     for protocol in args.protocols.split(","):
-        rows = {}
-        for seed in [int(s) for s in args.seeds.split(",") if s]:
-            name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
-            print(f"[{protocol}] lorafit {args.model} + {name} ...", flush=True)
-            rows[name] = run_lorafit(
-                args.data, protocol, seed, False, out / f"{protocol}-lora{args.tag}-{seed}", args
-            )
-            show(rows[name], args.tune)
-            save(out, results, protocol, rows)
-        if not args.skip_full:
-            for seed in [int(s) for s in args.full_seeds.split(",") if s]:
-                print(f"[{protocol}] lorafit {args.model} full fine-tuning, seed {seed} ...", flush=True)
-                name = f"full fine-tuning{args.tag} seed {seed}"
-                rows[name] = run_lorafit(
-                    args.data, protocol, seed, True, out / f"{protocol}-full{args.tag}-{seed}", args
-                )
-                show(rows[name], args.tune)
-                save(out, results, protocol, rows)
-        print(f"[{protocol}] TF-IDF + logistic regression ...", flush=True)
-        rows["TF-IDF + LR (C=1)"] = run_tfidf(args.data, protocol)
+        run_protocol(args, protocol, out, results)
+    if not args.tune:
+        print_table(results)
+
+
+def run_protocol(args: argparse.Namespace, protocol: str, out: Path, results: dict) -> None:
+    """One protocol's rows: LoRA per seed, full fine-tuning per seed (unless `--skip-full`), TF-IDF + LR;
+    `results` is saved after each row, so a stopped run keeps what finished."""
+    rows: dict = {}
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        name = f"LoRA r{args.lora_rank}{args.tag} seed {seed}"
+        print(f"[{protocol}] lorafit {args.model} + {name} ...", flush=True)
+        rows[name] = run_lorafit(
+            args.data, protocol, seed, False, out / f"{protocol}-lora{args.tag}-{seed}", args
+        )
+        show(rows[name], args.tune)
         save(out, results, protocol, rows)
-    if args.tune:
-        return
-    print_table(results)
+    full_seeds = [] if args.skip_full else [int(s) for s in args.full_seeds.split(",") if s]
+    for seed in full_seeds:
+        print(f"[{protocol}] lorafit {args.model} full fine-tuning, seed {seed} ...", flush=True)
+        name = f"full fine-tuning{args.tag} seed {seed}"
+        rows[name] = run_lorafit(
+            args.data, protocol, seed, True, out / f"{protocol}-full{args.tag}-{seed}", args
+        )
+        show(rows[name], args.tune)
+        save(out, results, protocol, rows)
+    print(f"[{protocol}] TF-IDF + logistic regression ...", flush=True)
+    rows["TF-IDF + LR (C=1)"] = run_tfidf(args.data, protocol)
+    save(out, results, protocol, rows)
 
 
 def cross_validate(args: argparse.Namespace, out: Path) -> None:

@@ -4,7 +4,8 @@ batches of the SMS split that speed.py uses, and write the operator table to ben
     python benchmarks/profile_step.py [--data ../shared/data/SMSSpamCollection] [--precision auto] [--steps 6]
 
 Prints, per phase (forward, backward, optimiser; inference), the operators by self CPU time, and the
-matrix products' share and rate against the 1024² matmul peak of the same precision.
+step's rate (4·N·T training, 2·N·T inference) against the 1024² matmul peak of the same precision.
+Inference is profiled through `predict_logits` with its default batches (merged LoRA, one stream).
 """
 
 from __future__ import annotations
@@ -18,27 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def main() -> None:
-    import speed
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from lorafit.batching import collate_packed, packed_width, sorted_batches
-    from lorafit.classifier import build_classifier, resolve_model
-    from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import autocast, cast_frozen_weights, cpu_bf16_verdict, resolve_precision
-    from lorafit.io import write_text_atomic
-    from lorafit.lora import merge_lora
-    from lorafit.models.attention import set_kernel
-    from lorafit.train import (
-        INFERENCE_WIDTH_MULTIPLE,
-        Split,
-        batch_inputs,
-        batch_loss,
-        make_optimizer,
-        training_batches,
-    )
-
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -54,21 +35,23 @@ def main() -> None:
         default=str(ROOT / "benchmarks/results"),
         help="a .txt file, or a directory to write profile-<precision>-<cpu>.txt in (default: benchmarks/results)",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_kernel(args.attention)
+    return parser.parse_args()
+
+
+def profile_training(model, train, precision: str, steps: int):
+    """Profile `steps` training steps of packed batches of 8 (after 3 unprofiled ones): returns the
+    profile, the seconds, the real tokens and the token cells (real + padding)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from lorafit.config import TrainConfig, resolve_train_config
+    from lorafit.devices import autocast
+    from lorafit.train import batch_inputs, batch_loss, make_optimizer, training_batches
+
     device = torch.device("cpu")
-    precision = resolve_precision(args.precision, device)
-    peak = speed.matmul_peak(args.threads)
-    data = speed.prepare_data(args.data, smoke=False)
-    spec = resolve_model("gpt2", "random")
-    model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
-    if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
     config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
-    train = Split(data["train"]["rows"], data["train"]["labels"])
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(named, config, len(train.rows))
+    optimizer, _ = make_optimizer(named, config, len(train.rows))
     batches = training_batches(train, config, epoch=1)
 
     def step(batch) -> tuple[int, int]:
@@ -86,24 +69,65 @@ def main() -> None:
     model.train()
     for batch in batches[:3]:
         step(batch)
-    with profile(activities=[ProfilerActivity.CPU]) as train_prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         start, tokens, cells = time.perf_counter(), 0, 0
-        for batch in batches[3 : 3 + args.steps]:
+        for batch in batches[3 : 3 + steps]:
             real, padded = step(batch)
             tokens, cells = tokens + real, cells + padded
-        train_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return prof, seconds, tokens, cells
+
+
+def profile_inference(model, rows: list[list[int]], precision: str):
+    """Profile merged-LoRA `predict_logits` over `rows` with its default batches (what `lorafit eval` and
+    `predict` run, in one stream): returns the profile and the seconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorafit.devices import cast_for_inference
+    from lorafit.lora import merge_lora
+    from lorafit.train import INFERENCE_BATCH_SIZE, predict_logits
+
     model.eval()
     merge_lora(model)
-    rows = data["test"]["rows"]
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as infer_prof:
+    if precision == "bf16":  # as `load_classifier` does
+        cast_for_inference(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for batch in sorted_batches([len(r) for r in rows], 32):
-            texts = [rows[i] for i in batch]
-            width = packed_width([len(t) for t in texts], INFERENCE_WIDTH_MULTIPLE)
-            ids, positions, segments = collate_packed(texts, 50256, width=width)
-            with autocast(device, precision):
-                model(ids, None, positions, segments)
-        infer_seconds = time.perf_counter() - start
+        predict_logits(
+            model, rows, pad_id=50256, batch_size=INFERENCE_BATCH_SIZE, device=torch.device("cpu"),
+            precision=precision, streams=1,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+    return prof, seconds
+
+
+def main() -> None:
+    import speed
+    import torch
+
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import LoRAConfig
+    from lorafit.devices import cast_frozen_weights, cpu_bf16_verdict, resolve_precision
+    from lorafit.io import write_text_atomic
+    from lorafit.models.attention import set_kernel
+    from lorafit.train import Split
+
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    set_kernel(args.attention)
+    device = torch.device("cpu")
+    precision = resolve_precision(args.precision, device)
+    peak = speed.matmul_peak(args.threads)
+    data = speed.prepare_data(args.data, smoke=False)
+    spec = resolve_model("gpt2", "random")
+    model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
+    if precision == "bf16":
+        cast_frozen_weights(model, torch.bfloat16)
+    train = Split(data["train"]["rows"], data["train"]["labels"])
+    train_prof, train_seconds, tokens, cells = profile_training(model, train, precision, args.steps)
+    rows = data["test"]["rows"]
+    infer_prof, infer_seconds = profile_inference(model, rows, precision)
     n = speed.frozen_linear_parameters(speed.GPT2_124M)
     infer_tokens = sum(len(r) for r in rows)
     lines = [

@@ -31,8 +31,9 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
   hf-peft-dynamic     the same with per-batch padding (random batches padded to their own longest row);
                       inference merged, inference_mode, length-sorted batches of 64.
 
-Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of 64), in bf16
-the whole backbone cast to bf16 as `load_classifier` does.
+Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of up to 256 texts
+and 8,192 tokens, one stream unless the row says otherwise), in bf16 the whole
+backbone cast to bf16 as `load_classifier` does.
 
   lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
                       (no warm-up: every new batch shape pays its setup, as in a real run).
@@ -145,17 +146,12 @@ def timing_result(
     }
 
 
-def run_reference(job: dict) -> dict:
-    """The lab: ch04 GPTModel + appendix E LoRA, ch06 SpamDataset and training step, fp32."""
+def reference_model(shape: dict) -> Any:
+    """ch04's GPTModel of `shape` with ch06's two-class head, frozen, then appendix E's LoRA."""
     import torch
     from llms_from_scratch.appendix_e import replace_linear_with_lora
     from llms_from_scratch.ch04 import GPTModel
-    from llms_from_scratch.ch06 import SpamDataset, calc_accuracy_loader, calc_loss_batch
-    from torch.utils.data import DataLoader
 
-    from lorafit.tokenizers import gpt2_encoding
-
-    shape = job["model"]
     cfg = {
         "vocab_size": shape["vocab_size"],
         "context_length": shape["context_length"],
@@ -165,6 +161,22 @@ def run_reference(job: dict) -> dict:
         "drop_rate": 0.0,
         "qkv_bias": True,
     }
+    model = GPTModel(cfg)
+    model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)  # as ch06 does
+    for param in model.parameters():  # as appendix E does: freeze, then add LoRA
+        param.requires_grad = False
+    replace_linear_with_lora(model, rank=RANK, alpha=ALPHA)
+    return model
+
+
+def run_reference(job: dict) -> dict:
+    """The lab: ch04 GPTModel + appendix E LoRA, ch06 SpamDataset and training step, fp32."""
+    import torch
+    from llms_from_scratch.ch06 import SpamDataset, calc_accuracy_loader, calc_loss_batch
+    from torch.utils.data import DataLoader
+
+    from lorafit.tokenizers import gpt2_encoding
+
     device = torch.device("cpu")
     tokenizer = gpt2_encoding()
     train_dataset = SpamDataset(job["train_csv"], tokenizer=tokenizer, max_length=None, pad_token_id=PAD_ID)
@@ -187,12 +199,7 @@ def run_reference(job: dict) -> dict:
     if len(train_loader) < needed:
         raise SystemExit(f"reference: {len(train_loader)} training batches, need {needed}")
 
-    model = GPTModel(cfg)
-    model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)  # as ch06 does
-    for param in model.parameters():  # as appendix E does: freeze, then add LoRA
-        param.requires_grad = False
-    replace_linear_with_lora(model, rank=RANK, alpha=ALPHA)
-    model.to(device)
+    model = reference_model(job["model"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
     def step(input_batch: torch.Tensor, target_batch: torch.Tensor) -> None:
@@ -231,6 +238,66 @@ def run_reference(job: dict) -> dict:
     }
 
 
+def lorafit_model(job: dict, precision: str, activation_checkpointing: bool, select_last_tokens: bool) -> Any:
+    """GPT-2 of the job's shape, random weights, LoRA r8 on every block linear, a two-class head that pools
+    the last token; frozen weights in bf16 where `precision` is bf16, as `lorafit train` stores them."""
+    import dataclasses
+
+    import torch
+
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import LoRAConfig
+    from lorafit.devices import cast_frozen_weights
+
+    spec = resolve_model("gpt2", "random")
+    spec.config = dataclasses.replace(spec.config, **job["model"])
+    model, _ = build_classifier(
+        spec, 2, "last", LoRAConfig(rank=RANK, alpha=ALPHA), seed=DATA_SEED, device=torch.device("cpu")
+    )
+    if precision == "bf16":
+        cast_frozen_weights(model, torch.bfloat16)
+    model.backbone.activation_checkpointing = activation_checkpointing
+    model.select_last_tokens = select_last_tokens
+    return model
+
+
+def lorafit_inference_seconds(model: Any, job: dict, precision: str) -> float:
+    """Seconds for merged-LoRA `predict_logits` over the test rows (in bf16 the whole backbone cast to
+    bf16 first, as `load_classifier` does)."""
+    import torch
+
+    from lorafit.devices import cast_for_inference
+    from lorafit.lora import merge_lora
+    from lorafit.train import predict_logits
+
+    model.eval()
+    merge_lora(model)
+    if precision == "bf16":
+        cast_for_inference(model)
+    start = time.perf_counter()
+    predict_logits(
+        model, job["test"]["rows"], pad_id=PAD_ID, batch_size=INFERENCE_BATCH, device=torch.device("cpu"),
+        precision=precision,
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def token_cells(part: Any, batches: list, config: Any, pad_to: int | None, precision: str) -> int:
+    """Token cells (real + padding) of `part`'s training `batches`: packed rows as `fit` builds them, or
+    each batch padded to its longest text (at least `pad_to`)."""
+    import torch
+
+    from lorafit.train import batch_inputs, packs_batches
+
+    if packs_batches(config):
+        device = torch.device("cpu")
+        return sum(
+            batch_inputs(part, list(b), config, PAD_ID, None, device, precision)[0].numel() for b in batches
+        )
+    lengths = [len(r) for r in part.rows]
+    return sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
+
+
 def run_lorafit(
     job: dict,
     bucketing: bool,
@@ -249,18 +316,15 @@ def run_lorafit(
 
     With `full_epoch`, one whole epoch over every training row from a fresh model instead (no warm-up:
     the first batch of each shape pays its setup, as in a real run): a measured epoch, not extrapolated."""
-    import dataclasses
-
     import torch
 
-    from lorafit.classifier import build_classifier, resolve_model
-    from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.devices import cap_kernel_cache, cast_for_inference, cast_frozen_weights, resolve_precision
-    from lorafit.lora import merge_lora, set_fused_projections
+    from lorafit.config import TrainConfig, resolve_train_config
+    from lorafit.devices import cap_kernel_cache, resolve_precision
+    from lorafit.lora import set_fused_projections
     from lorafit.models.attention import set_kernel
     from lorafit.models.gpt2 import set_gelu
     from lorafit.streams import set_streams, stream_count
-    from lorafit.train import Split, batch_inputs, fit, packs_batches, predict_logits, training_batches
+    from lorafit.train import Split, fit, training_batches
 
     cap_kernel_cache()  # as `lorafit train` does, before the first product
     set_kernel(attention)
@@ -269,28 +333,14 @@ def run_lorafit(
     set_streams(streams)
     device = torch.device("cpu")
     precision = resolve_precision(precision, device)
-    spec = resolve_model("gpt2", "random")
-    spec.config = dataclasses.replace(spec.config, **job["model"])
-    model, _ = build_classifier(
-        spec, 2, "last", LoRAConfig(rank=RANK, alpha=ALPHA), seed=DATA_SEED, device=device
-    )
-    if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
-    model.backbone.activation_checkpointing = activation_checkpointing
-    model.select_last_tokens = select_last_tokens
+    model = lorafit_model(job, precision, activation_checkpointing, select_last_tokens)
     config = resolve_train_config(
         TrainConfig(
-            epochs=1,
-            batch_size=BATCH_SIZE,
-            lr=LR,
-            seed=DATA_SEED,
-            bucketing=bucketing,
-            log_every=10**9,
-            packing=packing,
-            packed_width=packed_width,
+            epochs=1, batch_size=BATCH_SIZE, lr=LR, seed=DATA_SEED, bucketing=bucketing, log_every=10**9,
+            packing=packing, packed_width=packed_width,
         ),
         "gpt2",
-    )
+    )  # fmt: skip
     rows, labels = job["train"]["rows"], job["train"]["labels"]
 
     def split(indices: list[int]) -> Split:
@@ -312,32 +362,16 @@ def run_lorafit(
         run(split(job["warm_idx"]))
         timed = split(job["timed_idx"])
     seconds = run(timed)
-    lengths = [len(r) for r in timed.rows]
     batches = training_batches(timed, config, epoch=1)
-    if packs_batches(config):
-        padded = sum(
-            batch_inputs(timed, list(b), config, PAD_ID, None, device, precision)[0].numel() for b in batches
-        )
-    else:
-        padded = sum(len(batch) * max(pad_to or 0, max(lengths[i] for i in batch)) for batch in batches)
-    result = timing_result(seconds, len(batches), len(timed.rows), sum(lengths), padded)
-
-    model.eval()
-    merge_lora(model)
-    if precision == "bf16":  # as `load_classifier` does: the whole backbone in bf16, no autocast
-        cast_for_inference(model)
+    padded = token_cells(timed, batches, config, pad_to, precision)
+    result = timing_result(seconds, len(batches), len(timed.rows), sum(map(len, timed.rows)), padded)
     test_rows = job["test"]["rows"]
-    start = time.perf_counter()
-    predict_logits(
-        model, test_rows, pad_id=PAD_ID, batch_size=INFERENCE_BATCH, device=device, precision=precision
-    )
-    inference_seconds = time.perf_counter() - start
     return {
         **result,
         "precision": precision,
         "pad_to": pad_to,
         "trainable_parameters": trainable_parameters(model),
-        "inference_seconds": inference_seconds,
+        "inference_seconds": lorafit_inference_seconds(model, job, precision),
         "inference_messages": len(test_rows),
         "inference_real_tokens": sum(len(r) for r in test_rows),
         "measured_epoch_seconds": seconds if full_epoch else None,
@@ -349,35 +383,11 @@ def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
     """transformers GPT2ForSequenceClassification + PEFT LoRA (c_attn, c_proj, c_fc), fp32, or with `bf16`
     its forward passes under bf16 autocast (the hardware feature lorafit uses, for a fair peer)."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from lorafit.batching import collate, epoch_batches, sorted_batches
+    from lorafit.batching import collate, epoch_batches
 
-    shape = job["model"]
     torch.manual_seed(DATA_SEED)
-    config = GPT2Config(
-        vocab_size=shape["vocab_size"],
-        n_positions=shape["context_length"],
-        n_embd=shape["d_model"],
-        n_layer=shape["n_layer"],
-        n_head=shape["n_head"],
-        resid_pdrop=0.0,  # dropout off, as in the lab and in lorafit's defaults
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        pad_token_id=PAD_ID,
-        num_labels=2,
-    )
-    model = GPT2ForSequenceClassification(config)
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=RANK,
-        lora_alpha=ALPHA,
-        lora_dropout=0.0,
-        target_modules=["c_attn", "c_proj", "c_fc"],
-        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
-    )
-    model = get_peft_model(model, lora)
+    model = hf_peft_model(job["model"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
     rows, labels = job["train"]["rows"], job["train"]["labels"]
@@ -413,33 +423,73 @@ def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
         padded += p
     seconds = time.perf_counter() - start
     result = timing_result(seconds, len(timed), sum(len(b) for b in timed), real, padded)
+    test_rows = job["test"]["rows"]
+    return {
+        **result,
+        "precision": "bf16" if bf16 else "fp32",
+        "pad_to": pad_to,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "inference_seconds": hf_inference_seconds(model, job, dynamic, amp),
+        "inference_messages": len(test_rows),
+        "inference_real_tokens": sum(len(r) for r in test_rows),
+    }
+
+
+def hf_peft_model(shape: dict) -> Any:
+    """transformers' GPT2ForSequenceClassification of `shape` (dropout off), random weights, with PEFT's
+    LoRA on c_attn, c_proj and c_fc."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(
+        vocab_size=shape["vocab_size"],
+        n_positions=shape["context_length"],
+        n_embd=shape["d_model"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        resid_pdrop=0.0,  # dropout off, as in the lab and in lorafit's defaults
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=PAD_ID,
+        num_labels=2,
+    )
+    model = GPT2ForSequenceClassification(config)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as (in, out)
+    )
+    return get_peft_model(model, lora)
+
+
+def hf_inference_seconds(model: Any, job: dict, dynamic: bool, amp: Callable) -> float:
+    """Seconds to classify the test rows: with `dynamic` as lorafit does (merged, inference_mode,
+    length-sorted batches of HF_INFERENCE_BATCH), else as the lab does (unmerged, no_grad, padded batches
+    of 8 in order)."""
+    import torch
+
+    from lorafit.batching import collate, sorted_batches
 
     test_rows = job["test"]["rows"]
     start = time.perf_counter()
-    if dynamic:  # as lorafit: merged, inference_mode, length-sorted batches (of HF_INFERENCE_BATCH)
+    if dynamic:
         merged = model.merge_and_unload()
         merged.eval()
         with torch.inference_mode(), amp():
             for batch in sorted_batches([len(r) for r in test_rows], HF_INFERENCE_BATCH):
                 input_ids, attention_mask = collate([test_rows[i] for i in batch], PAD_ID)
                 merged(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
-    else:  # as the lab: unmerged, no_grad, padded batches of 8 in order
+    else:
         model.eval()
         with torch.no_grad():
             for i in range(0, len(test_rows), BATCH_SIZE):
                 chunk = test_rows[i : i + BATCH_SIZE]  # already cut to max_length, as SpamDataset does
                 input_ids, attention_mask = collate(chunk, PAD_ID, job["max_length"])
                 model(input_ids=input_ids, attention_mask=attention_mask).logits.argmax(-1)
-    inference_seconds = time.perf_counter() - start
-    return {
-        **result,
-        "precision": "bf16" if bf16 else "fp32",
-        "pad_to": pad_to,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "inference_seconds": inference_seconds,
-        "inference_messages": len(test_rows),
-        "inference_real_tokens": sum(len(r) for r in test_rows),
-    }
+    return time.perf_counter() - start
 
 
 SYSTEMS: dict[str, dict[str, Any]] = {
@@ -778,36 +828,20 @@ def stored_table(path: str, systems: list[str] | None) -> str:
     return f"{header}\n$ {report['command']}\n\n{table}"
 
 
-def parent_main(args: argparse.Namespace) -> None:
+def describe_setup(args: argparse.Namespace, data: dict, shape: dict) -> dict:
+    """Print the data, model and machine lines; returns the machine's facts (its 1024² matmul peak
+    measured now)."""
     import torch
 
     from lorafit.devices import cpu_bf16_verdict
 
-    print("$ " + shlex.join([sys.executable, *sys.argv]))
-    if not Path(args.data).is_file():
-        sys.exit(f"speed.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
-    if args.smoke:
-        args.batches, args.repeats = 2, 1
-    if args.batches < 1 or args.repeats < 1 or args.threads < 1:
-        sys.exit("speed.py: --batches, --repeats and --threads must be at least 1")
-
-    data = prepare_data(args.data, args.smoke)
-    n_train = len(data["train"]["rows"])
-    epoch_batches = math.ceil(n_train / BATCH_SIZE)
-    needed = (WARMUP_BATCHES + args.batches) * BATCH_SIZE
-    if needed > n_train - n_train % BATCH_SIZE:
-        sys.exit(f"speed.py: --batches {args.batches} needs {needed} training rows, the split has {n_train}")
-    import numpy as np
-
-    order = np.random.default_rng(DATA_SEED).permutation(n_train).tolist()
-    sizes = data["split_sizes"]
+    sizes, n_train = data["split_sizes"], len(data["train"]["rows"])
     print(
         f"Data: {args.data}: balanced split {sizes[0]:,} / {sizes[1]:,} / {sizes[2]:,} (seed {DATA_SEED})"
         + (f"; smoke: first {n_train} training rows" if args.smoke else "")
         + f"; longest training example {data['max_length']} tokens"
         + (f" ({data['test_truncated']} test texts cut to it)" if data["test_truncated"] else "")
     )
-    shape = GPT2_SMOKE if args.smoke else GPT2_124M
     print(
         f"Model: GPT-2 random init, {shape['n_layer']} layers x {shape['d_model']} wide"
         + (" (SMOKE: numbers are meaningless)" if args.smoke else " (124M)")
@@ -820,12 +854,22 @@ def parent_main(args: argparse.Namespace) -> None:
         f"{args.threads} threads, fast bf16: {'yes' if fast_bf16 else 'no'} ({bf16_why}); "
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16"
     )
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "fast_bf16": fast_bf16,
+        "bf16_verdict": bf16_why,
+        "matmul_peak_gflops": peak,
+    }
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+
+def chosen_systems(spec: str, notes: list[str]) -> list[str]:
+    """The systems `--systems` names that can run here; a missing package skips its row with a note."""
+    systems = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         sys.exit(f"speed.py: unknown system {unknown[0]!r}; choose from {', '.join(SYSTEMS)}")
-    notes = []
     for name in list(systems):
         missing = [m for m in SYSTEMS[name]["needs"] if importlib.util.find_spec(m) is None]
         if missing:
@@ -833,52 +877,92 @@ def parent_main(args: argparse.Namespace) -> None:
             print("Note: " + note)
             notes.append(note)
             systems.remove(name)
+    return systems
 
+
+def run_rounds(
+    args: argparse.Namespace, job: dict, systems: list[str], notes: list[str]
+) -> dict[str, list[dict]]:
+    """Each system's runs: `--repeats` round-robin rounds, each system in its own process (or with
+    `--collect`, the result files a killed run left behind, running nothing)."""
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="lorafit-speed-") as tmp:
         work = Path(tmp)
-        write_lab_csv(work / "train.csv", data["train_texts"], data["train"]["labels"])
-        write_lab_csv(work / "test.csv", data["test_texts"], data["test"]["labels"])
-        job = {
-            "model": shape,
-            "batches": args.batches,
-            "threads": args.threads,
-            "max_length": data["max_length"],
-            "train": data["train"],
-            "test": data["test"],
-            "warm_idx": order[: WARMUP_BATCHES * BATCH_SIZE],
-            "timed_idx": order[WARMUP_BATCHES * BATCH_SIZE : needed],
-            "train_csv": str(work / "train.csv"),
-            "test_csv": str(work / "test.csv"),
-        }
+        write_lab_csv(work / "train.csv", job.pop("train_texts"), job["train"]["labels"])
+        write_lab_csv(work / "test.csv", job.pop("test_texts"), job["test"]["labels"])
         job_path = work / "job.json"
-        job_path.write_text(json.dumps(job))
-        if args.collect:  # the result files a killed run left behind, instead of running anything
+        job_path.write_text(
+            json.dumps({**job, "train_csv": str(work / "train.csv"), "test_csv": str(work / "test.csv")})
+        )
+        if args.collect:
             for round_ in range(1, args.repeats + 1):
                 for name in systems:
                     path = Path(args.collect) / f"{name}-{round_}.json"
                     if path.is_file():
                         runs[name].append(json.loads(path.read_text()))
-            completed = sum(len(r) for r in runs.values())
-            notes.append(f"collected {completed} finished system runs from {args.collect}")
-        else:
-            try:
-                for round_ in range(1, args.repeats + 1):
-                    print(f"Round {round_}/{args.repeats}:", flush=True)
-                    for name in systems:
-                        result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
-                        if result is not None:
-                            runs[name].append(result)
-            except KeyboardInterrupt:  # report what finished rather than nothing
-                notes.append("interrupted: medians over the runs that finished (see runs in the JSON)")
+            notes.append(
+                f"collected {sum(len(r) for r in runs.values())} finished system runs from {args.collect}"
+            )
+            return runs
+        try:
+            for round_ in range(1, args.repeats + 1):
+                print(f"Round {round_}/{args.repeats}:", flush=True)
+                for name in systems:
+                    result = run_child(name, job_path, work / f"{name}-{round_}.json", args.threads)
+                    if result is not None:
+                        runs[name].append(result)
+        except KeyboardInterrupt:  # report what finished rather than nothing
+            notes.append("interrupted: medians over the runs that finished (see runs in the JSON)")
+    return runs
 
-    summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
-    labels = {
-        name: SYSTEMS[name]["label"].format(L=data["max_length"], precision=s["precision"])
+
+def row_labels(summaries: dict[str, dict], max_length: int) -> dict[str, str]:
+    """Each row's label: its system's, with its precision, allocator and inference streams."""
+    return {
+        name: SYSTEMS[name]["label"].format(L=max_length, precision=s["precision"])
         + (" [tcmalloc]" if s["malloc"] == "tcmalloc" and "tcmalloc" not in SYSTEMS[name]["label"] else "")
         + (f" [inference in {s['streams']} streams]" if s["streams"] > 1 else "")
         for name, s in summaries.items()
     }
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    print("$ " + shlex.join([sys.executable, *sys.argv]))
+    if not Path(args.data).is_file():
+        sys.exit(f"speed.py: {args.data}: no such file (pass --data PATH to the UCI SMSSpamCollection)")
+    if args.smoke:
+        args.batches, args.repeats = 2, 1
+    if args.batches < 1 or args.repeats < 1 or args.threads < 1:
+        sys.exit("speed.py: --batches, --repeats and --threads must be at least 1")
+    import numpy as np
+
+    data = prepare_data(args.data, args.smoke)
+    n_train = len(data["train"]["rows"])
+    epoch_batches = math.ceil(n_train / BATCH_SIZE)
+    needed = (WARMUP_BATCHES + args.batches) * BATCH_SIZE
+    if needed > n_train - n_train % BATCH_SIZE:
+        sys.exit(f"speed.py: --batches {args.batches} needs {needed} training rows, the split has {n_train}")
+    shape = GPT2_SMOKE if args.smoke else GPT2_124M
+    machine = describe_setup(args, data, shape)
+    notes: list[str] = []
+    systems = chosen_systems(args.systems, notes)
+    order = np.random.default_rng(DATA_SEED).permutation(n_train).tolist()
+    job = {
+        "model": shape,
+        "batches": args.batches,
+        "threads": args.threads,
+        "max_length": data["max_length"],
+        "train": data["train"],
+        "test": data["test"],
+        "warm_idx": order[: WARMUP_BATCHES * BATCH_SIZE],
+        "timed_idx": order[WARMUP_BATCHES * BATCH_SIZE : needed],
+        "train_texts": data["train_texts"],
+        "test_texts": data["test_texts"],
+    }
+    runs = run_rounds(args, job, systems, notes)
+
+    summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
+    labels = row_labels(summaries, data["max_length"])
     for name, r in runs.items():
         widths = {run["pad_to"] for run in r} - {None, data["max_length"]}
         if widths:
@@ -886,29 +970,14 @@ def parent_main(args: argparse.Namespace) -> None:
     if "reference" in systems and "reference" not in summaries:
         notes.append("reference: every run failed, so there are no ratios")
     print()
-    print(markdown_table(summaries, labels, epoch_batches, shape, peak))
-    print()
-    print(
-        f"s/epoch is EXTRAPOLATED (but for the row that says measured): median seconds per batch over {args.batches} "
-        f"timed batches (after {WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); "
-        "the lab's drop_last loader runs one fewer). Medians over "
-        f"{max((len(r) for r in runs.values()), default=0)} round(s), systems run round-robin, each in its own process. tokens/s counts real "
-        "(unpadded) tokens; inference is over the test messages."
-    )
-    for note in notes:
-        print("Note: " + note)
-
-    from lorafit.io import write_json_atomic
-
-    file = Path(args.out)  # a .json file, or a directory for speed.json / speed-smoke.json
-    if file.suffix != ".json":
-        file = file / ("speed-smoke.json" if args.smoke else "speed.json")
+    print(markdown_table(summaries, labels, epoch_batches, shape, machine["matmul_peak_gflops"]))
+    print_footer(args, n_train, epoch_batches, runs, notes)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "smoke": args.smoke,
         "data": {
             "path": args.data,
-            "split_sizes": sizes,
+            "split_sizes": data["split_sizes"],
             "train_rows_used": n_train,
             "max_length": data["max_length"],
         },
@@ -922,19 +991,39 @@ def parent_main(args: argparse.Namespace) -> None:
         "threads": args.threads,
         "epoch_batches": epoch_batches,
         "extrapolated": True,
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "fast_bf16": fast_bf16,
-            "bf16_verdict": bf16_why,
-            "matmul_peak_gflops": peak,
-        },
+        "machine": machine,
         "systems": {
             name: {"label": labels[name], "median": summaries[name], "runs": runs[name]} for name in summaries
         },
         "notes": notes,
     }
+    write_report(report, args.out, args.smoke)
+
+
+def print_footer(
+    args: argparse.Namespace, n_train: int, epoch_batches: int, runs: dict[str, list], notes: list[str]
+) -> None:
+    """What the table's figures are, and the run's notes."""
+    print()
+    print(
+        f"s/epoch is EXTRAPOLATED (but for the row that says measured): median seconds per batch over {args.batches} "
+        f"timed batches (after {WARMUP_BATCHES} warm-up batches) x {epoch_batches} batches (ceil({n_train}/{BATCH_SIZE}); "
+        "the lab's drop_last loader runs one fewer). Medians over "
+        f"{max((len(r) for r in runs.values()), default=0)} round(s), systems run round-robin, each in its own process. tokens/s counts real "
+        "(unpadded) tokens; inference is over the test messages."
+    )
+    for note in notes:
+        print("Note: " + note)
+
+
+def write_report(report: dict, out: str, smoke: bool) -> None:
+    """Write the run's JSON atomically: to `out` if it names a .json file, else into that directory as
+    speed.json (speed-smoke.json for a smoke run)."""
+    from lorafit.io import write_json_atomic
+
+    file = Path(out)
+    if file.suffix != ".json":
+        file = file / ("speed-smoke.json" if smoke else "speed.json")
     write_json_atomic(file, report)  # makes the directory
     print(f"Wrote {file}")
 
