@@ -32,7 +32,7 @@ Spam Collection (seed 123, 70/10/20 -> 1,045 / 149 / 300 rows, GPT-2 BPE). Rows:
                       inference merged, inference_mode, length-sorted batches of 64.
 
 Lorafit's inference: LoRA merged, `predict_logits` (inference_mode, length-sorted batches of up to 256 texts
-and 8,192 tokens, one stream unless the row says otherwise), in bf16 the whole
+and 4,096 tokens, one stream unless the row says otherwise), in bf16 the whole
 backbone cast to bf16 as `load_classifier` does.
 
   lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
@@ -104,7 +104,7 @@ LR = 5e-4
 WEIGHT_DECAY = 0.1
 RANK, ALPHA = 8, 16
 WARMUP_BATCHES = 2
-# lorafit's inference batch size (`--eval-batch-size`, `predict --batch-size`; at most 8,192 tokens: the 300
+# lorafit's inference batch size (`--eval-batch-size`, `predict --batch-size`; at most 4,096 tokens: the 300
 # test messages hold 9.3 k tokens). The HF rows keep 64, their own best: padded batches of 256 took HF's
 # eager attention to 4 GB and 6 messages/s instead of 14 (results/speed-fp32-epyc-6.json).
 INFERENCE_BATCH = 256

@@ -140,3 +140,14 @@ def test_predict_logits_batches_by_the_token_cap(tiny_gpt2_config):
     assert len(sizes) >= 5 and max(sizes) <= 40 and sum(sizes) == sum(map(len, TEXTS))
     whole = predict_logits(model, TEXTS, pad_id=0, batch_size=256, device=CPU, precision="fp32", streams=1)
     torch.testing.assert_close(capped, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_logits_caps_its_batches_at_the_default_token_cap(tiny_gpt2_config):
+    from lorafit.train import INFERENCE_MAX_TOKENS
+
+    model = _gpt2(tiny_gpt2_config).eval()
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(int((args[0] != 0).sum())))
+    texts = [[(i + j) % 300 + 1 for j in range(40 + i % 9)] for i in range(160)]  # 7,000+ tokens
+    predict_logits(model, texts, pad_id=0, batch_size=256, device=CPU, precision="fp32", streams=1)
+    assert len(sizes) == 2 and max(sizes) <= INFERENCE_MAX_TOKENS and sum(sizes) == sum(map(len, texts))

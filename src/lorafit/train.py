@@ -32,10 +32,12 @@ from .streams import run_parallel, split_evenly, stream_count
 INFERENCE_WIDTH_MULTIPLE = 16
 # Inference batches hold up to this many texts and this many tokens (`predict_logits`): fewer, larger
 # products. GPT-2 124M on the 300 SMS test messages (fp32 EPYC): one batch of 300 scored 6.5 % more
-# messages/s than batches of 64 (8 rotating rounds, 0.99-1.16x per round); the token cap keeps a batch of long
-# texts (BERT: up to 512 tokens each) to about 100 MB per 3072-wide activation.
+# messages/s than batches of 64 (8 rotating rounds, 0.99-1.16x per round). Caps of 2,048 / 4,096 / 8,192 /
+# 16,384 tokens ran within that VM's noise of each other (medians 0.98-1.04x of 8,192 for 4,096 over 16
+# rounds), but after a GPT-2 training epoch 8,192 raised the process's peak RSS 1,264 -> 1,341 MiB and 4,096
+# not at all: a 3072-wide fp32 activation of 4,096 tokens is 50 MB.
 INFERENCE_BATCH_SIZE = 256
-INFERENCE_MAX_TOKENS = 8192
+INFERENCE_MAX_TOKENS = 4096
 # Training packs rows to a multiple of this in bf16 and fp16 (`--packed-width fit`, or `fit16` in any
 # precision). Each new batch shape costs oneDNN kernels that stay cached; on the GPT-2 124M SMS epoch (bf16)
 # multiples of 8 / 16 / 32 gave 5.0 / 7.3 / 6.3 % padding, 39 / 28 / 22 shapes, 60 / 63 / 67 s and a peak
