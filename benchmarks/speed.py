@@ -53,7 +53,8 @@ rows on glibc's malloc unless their name says tcmalloc.
 
 Measured per system: training seconds per batch over `--batches` batches after 2 warm-up batches, extrapolated
 to one epoch (an EXTRAPOLATION, except lorafit-epoch's measured epoch), training messages/s and real
-(unpadded) tokens/s, inference messages/s over the 300 test messages, the peak RSS of the process, and each
+(unpadded) tokens/s, inference messages/s over the 300 test messages, the peak RSS of the process (and in
+its progress line and the JSON, `training_peak_rss_mib`: the peak before inference began), and each
 as a fraction of the machine's peak: training counts 4·N·T FLOP, inference 2·N·T (N = 85 M block-linear
 weights, T real tokens), divided by the 1024² matmul rate (fp32 or bf16, as the row ran) measured at start.
 Each system runs in its own subprocess (this script with `--system NAME`), so the peak RSS is per system.
@@ -222,7 +223,7 @@ def run_reference(job: dict) -> dict:
         padded += input_batch.numel()
     seconds = time.perf_counter() - start
     result = timing_result(seconds, job["batches"], job["batches"] * BATCH_SIZE, real, padded)
-
+    result["training_peak_rss_mib"] = peak_rss_mib()
     start = time.perf_counter()
     accuracy = calc_accuracy_loader(test_loader, model, device)
     inference_seconds = time.perf_counter() - start
@@ -371,6 +372,7 @@ def run_lorafit(
         "precision": precision,
         "pad_to": pad_to,
         "trainable_parameters": trainable_parameters(model),
+        "training_peak_rss_mib": peak_rss_mib(),  # before inference: which phase sets the peak
         "inference_seconds": lorafit_inference_seconds(model, job, precision),
         "inference_messages": len(test_rows),
         "inference_real_tokens": sum(len(r) for r in test_rows),
@@ -429,6 +431,7 @@ def run_hf(job: dict, dynamic: bool, bf16: bool = False) -> dict:
         "precision": "bf16" if bf16 else "fp32",
         "pad_to": pad_to,
         "trainable_parameters": sum(p.numel() for p in trainable),
+        "training_peak_rss_mib": peak_rss_mib(),
         "inference_seconds": hf_inference_seconds(model, job, dynamic, amp),
         "inference_messages": len(test_rows),
         "inference_real_tokens": sum(len(r) for r in test_rows),
@@ -707,7 +710,7 @@ def run_child(system: str, job_path: Path, result_path: Path, threads: int) -> d
     print(
         f"  {system}: {result['s_per_batch']:.3f} s/batch, {result['messages_per_s']:.2f} msg/s, "
         f"inference {result['inference_messages_per_s']:.1f} msg/s, peak RSS {result['peak_rss_mib']:,.0f} MiB "
-        f"({result['wall_seconds']:.0f} s in all)",
+        f"({result['training_peak_rss_mib']:,.0f} before inference; {result['wall_seconds']:.0f} s in all)",
         flush=True,
     )
     return result
@@ -770,6 +773,8 @@ def summarise(runs: list[dict], epoch_batches: int) -> dict:
     summary["trainable_parameters"] = runs[0]["trainable_parameters"]
     summary["malloc"] = runs[0].get("malloc", "system")
     summary["streams"] = runs[0].get("streams", 1)
+    before = [run["training_peak_rss_mib"] for run in runs if "training_peak_rss_mib" in run]
+    summary["training_peak_rss_mib"] = statistics.median(before) if before else None  # not in older runs
     return summary
 
 

@@ -128,6 +128,8 @@ def test_speed_smoke_run_writes_its_json_to_a_file_or_into_a_directory(
     written = target if target.suffix == ".json" else target / "speed-smoke.json"
     report = json.loads(written.read_text())
     assert report["smoke"] and list(report["systems"]) == ["lorafit"]
+    run = report["systems"]["lorafit"]["runs"][0]
+    assert 0 < run["training_peak_rss_mib"] <= run["peak_rss_mib"]  # the peak before inference, and the whole
     files = [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()]
     assert files == [written.name]  # no temporary file left beside it
 
