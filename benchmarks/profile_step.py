@@ -84,9 +84,10 @@ def profile_inference(model, rows: list[list[int]], precision: str):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from lorafit.config import INFERENCE_BATCH_SIZE
     from lorafit.devices import cast_for_inference
     from lorafit.lora import merge_lora
-    from lorafit.train import INFERENCE_BATCH_SIZE, predict_logits
+    from lorafit.train import predict_logits
 
     model.eval()
     merge_lora(model)

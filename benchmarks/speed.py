@@ -886,15 +886,16 @@ def chosen_systems(spec: str, notes: list[str]) -> list[str]:
 
 
 def run_rounds(
-    args: argparse.Namespace, job: dict, systems: list[str], notes: list[str]
+    args: argparse.Namespace, job: dict, data: dict, systems: list[str], notes: list[str]
 ) -> dict[str, list[dict]]:
     """Each system's runs: `--repeats` round-robin rounds, each system in its own process (or with
-    `--collect`, the result files a killed run left behind, running nothing)."""
+    `--collect`, the result files a killed run left behind, running nothing). The reference reads `data`'s
+    texts from the lab's CSV files, written here."""
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="lorafit-speed-") as tmp:
         work = Path(tmp)
-        write_lab_csv(work / "train.csv", job.pop("train_texts"), job["train"]["labels"])
-        write_lab_csv(work / "test.csv", job.pop("test_texts"), job["test"]["labels"])
+        write_lab_csv(work / "train.csv", data["train_texts"], data["train"]["labels"])
+        write_lab_csv(work / "test.csv", data["test_texts"], data["test"]["labels"])
         job_path = work / "job.json"
         job_path.write_text(
             json.dumps({**job, "train_csv": str(work / "train.csv"), "test_csv": str(work / "test.csv")})
@@ -961,10 +962,8 @@ def parent_main(args: argparse.Namespace) -> None:
         "test": data["test"],
         "warm_idx": order[: WARMUP_BATCHES * BATCH_SIZE],
         "timed_idx": order[WARMUP_BATCHES * BATCH_SIZE : needed],
-        "train_texts": data["train_texts"],
-        "test_texts": data["test_texts"],
     }
-    runs = run_rounds(args, job, systems, notes)
+    runs = run_rounds(args, job, data, systems, notes)
 
     summaries = {name: summarise(r, epoch_batches) for name, r in runs.items() if r}
     labels = row_labels(summaries, data["max_length"])

@@ -143,7 +143,7 @@ def test_predict_logits_batches_by_the_token_cap(tiny_gpt2_config):
 
 
 def test_predict_logits_caps_its_batches_at_the_default_token_cap(tiny_gpt2_config):
-    from lorafit.train import INFERENCE_MAX_TOKENS
+    from lorafit.config import INFERENCE_MAX_TOKENS
 
     model = _gpt2(tiny_gpt2_config).eval()
     sizes = []

@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from .config import DEFAULT_MODEL, LORA_TARGET_MODULES, LoRAConfig, TrainConfig
+from .config import (
+    DEFAULT_MODEL,
+    INFERENCE_BATCH_SIZE,
+    INFERENCE_MAX_TOKENS,
+    LORA_TARGET_MODULES,
+    LoRAConfig,
+    TrainConfig,
+)
 from .errors import LorafitError
 
 RECIPES = {
@@ -453,8 +460,9 @@ def _add_training_options(p) -> None:
                         "rows) or e.g. ham=1,spam=3 (default: unweighted)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="random seed (default 42)")
     g.add_argument("--log-every", type=int, default=None, help="log the loss every N batches (default 10)")
-    g.add_argument("--eval-batch-size", type=int, default=256,
-                   help="texts per evaluation batch, at most 4,096 tokens (default 256)")  # fmt: skip
+    g.add_argument("--eval-batch-size", type=int, default=INFERENCE_BATCH_SIZE,
+                   help=f"texts per evaluation batch, at most {INFERENCE_MAX_TOKENS:,} tokens "
+                        f"(default {INFERENCE_BATCH_SIZE})")  # fmt: skip
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else fp32")  # fmt: skip
     g.add_argument("--no-bucketing", action="store_true",
@@ -514,8 +522,9 @@ def _predict_parser(sub) -> None:
     p.add_argument("--out", default=None,
                    help="write --file's rows with label and p_<label> columns here (.csv, .tsv or .jsonl), "
                         "streaming, atomically")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="texts per forward pass, at most 4,096 tokens (default 256)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE,
+                   help=f"texts per forward pass, at most {INFERENCE_MAX_TOKENS:,} tokens "
+                        f"(default {INFERENCE_BATCH_SIZE})")  # fmt: skip
     p.add_argument("--chunk-rows", type=int, default=4096,
                    help="rows of --file read, classified and written at a time (default 4096)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")

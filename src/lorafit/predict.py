@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocator import release_free_memory
+from .config import INFERENCE_BATCH_SIZE
 from .data import _cell, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
@@ -28,7 +29,7 @@ OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"
 
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
-                 header: bool | None = None, encoding: str = "utf-8", batch_size: int = 256,
+                 header: bool | None = None, encoding: str = "utf-8", batch_size: int = INFERENCE_BATCH_SIZE,
                  chunk_rows: int = 4096, as_json: bool = False) -> int:  # fmt: skip
     """Classify every row of `path`; write them to `out` (or print one line per row when `out` is None).
     Returns the number of rows."""

@@ -32,6 +32,7 @@ from .classifier import (
 )
 from .config import (
     DEFAULT_MODEL,
+    INFERENCE_BATCH_SIZE,
     DataOptions,
     LoRAConfig,
     TrainConfig,
@@ -52,7 +53,6 @@ from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .metrics import format_report, metrics_from_logits
 from .train import (
-    INFERENCE_BATCH_SIZE,
     Split,
     evaluate,
     fit,

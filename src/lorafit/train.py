@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batching import collate, collate_packed, epoch_batches, packed_width, sorted_batches
-from .config import TrainConfig
+from .config import INFERENCE_MAX_TOKENS, TrainConfig
 from .devices import autocast
 from .errors import LorafitError
 from .metrics import metrics_from_logits
@@ -30,14 +30,6 @@ from .streams import run_parallel, split_evenly, stream_count
 # (benchmarks/README.md, "Serving"). fp32 batch inference (evaluation, `predict`) packs rows of any width:
 # its products run on MKL, which builds nothing per shape (SMS test set: 3.0 % padding instead of 6.9 %).
 INFERENCE_WIDTH_MULTIPLE = 16
-# Inference batches hold up to this many texts and this many tokens (`predict_logits`): fewer, larger
-# products. GPT-2 124M on the 300 SMS test messages (fp32 EPYC): one batch of 300 scored 6.5 % more
-# messages/s than batches of 64 (8 rotating rounds, 0.99-1.16x per round). Caps of 2,048 / 4,096 / 8,192 /
-# 16,384 tokens ran within that VM's noise of each other (medians 0.98-1.04x of 8,192 for 4,096 over 16
-# rounds), but after a GPT-2 training epoch 8,192 raised the process's peak RSS 1,264 -> 1,341 MiB and 4,096
-# not at all: a 3072-wide fp32 activation of 4,096 tokens is 50 MB.
-INFERENCE_BATCH_SIZE = 256
-INFERENCE_MAX_TOKENS = 4096
 # Training packs rows to a multiple of this in bf16 and fp16 (`--packed-width fit`, or `fit16` in any
 # precision). Each new batch shape costs oneDNN kernels that stay cached; on the GPT-2 124M SMS epoch (bf16)
 # multiples of 8 / 16 / 32 gave 5.0 / 7.3 / 6.3 % padding, 39 / 28 / 22 shapes, 60 / 63 / 67 s and a peak
@@ -78,9 +70,10 @@ def predict_logits(
     """Logits (n × classes, fp32, in the order of `rows`), computed in length-sorted batches of at most
     `batch_size` texts and `max_tokens` tokens (None: no cap), each packed into rows of the cheapest
     multiple of `width_multiple` (`packing`, exactly what the padded batch computes, with fewer tokens;
-    default 1 in fp32, else `INFERENCE_WIDTH_MULTIPLE`), or padded to its longest text. Under bf16 autocast, unless the model was cast whole for inference
-    (`devices.cast_for_inference`). `streams` threads (default `--streams`, `streams.stream_count`) each
-    score an even share of the rows in their own batches."""
+    default 1 in fp32, else `INFERENCE_WIDTH_MULTIPLE`), or padded to its longest text. Under bf16
+    autocast, unless the model was cast whole for inference (`devices.cast_for_inference`). `streams`
+    threads (default `--streams`, `streams.stream_count`) each score an even share of the rows in their
+    own batches."""
     if width_multiple is None:
         width_multiple = 1 if precision == "fp32" else INFERENCE_WIDTH_MULTIPLE
     was_training = model.training
