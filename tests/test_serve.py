@@ -23,6 +23,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from lorafit import load_classifier, serve  # noqa: E402
+from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.serve import Batcher, Metrics, ServeLimits, create_app  # noqa: E402
 
 SPAM = "WIN FREE prize claim cash now 12345"
@@ -488,6 +489,18 @@ def test_serve_refuses_bad_runs_busy_ports_and_duplicates(runs, tmp_path, capsys
         port = busy.getsockname()[1]
         code, _, err = run_main(["serve", "--run", str(runs["a"]), "--port", str(port)], capsys)
     assert code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize("hidden", ["uvicorn", "prometheus_client"])
+def test_serve_without_the_serve_extra_says_what_to_install(runs, monkeypatch, capsys, hidden):
+    # None in sys.modules makes the module unimportable, as if `pip install lorafit` left the extra out.
+    monkeypatch.setitem(sys.modules, hidden, None)
+    code, out, err = run_main(["serve", "--run", str(runs["a"]), "--port", str(free_port())], capsys)
+    assert code == 2 and out == ""
+    assert f"serving needs the serve extra, which is not installed (missing: {hidden})" in err
+    assert "pip install 'lorafit[serve]'" in err and "Traceback" not in err
+    with pytest.raises(LorafitError, match=f"missing: {hidden}"):
+        create_app({"a": runs["a"]})
 
 
 def test_a_real_server_finishes_requests_in_flight_on_sigterm(runs):

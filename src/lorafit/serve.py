@@ -15,6 +15,7 @@ import asyncio
 import copy
 import gc
 import hmac
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from .allocator import release_free_memory
 from .errors import LorafitError
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+# What `pip install 'lorafit[serve]'` adds and the server imports (module names, not package names).
+SERVE_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client")
 REQUEST_FIELDS = ("inputs", "truncate", "raw_scores", "top_k", "truncation_direction")
 # The /predict body, for /docs (the route reads the body itself, to answer every mistake in one sentence).
 PREDICT_SCHEMA = {
@@ -756,6 +759,17 @@ def warm_up(runs: dict[str, ServedRun], max_batch_size: int) -> None:
             run.logits(run.encode(["Warming up the classifier before the first request."] * n, truncate=True))
 
 
+def require_serve_extra() -> None:
+    """Fail in one sentence, before any run is loaded, when the `serve` extra is not installed (a plain
+    `pip install lorafit` leaves it out), instead of a traceback from the first import that needs it."""
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LorafitError(
+            f"serving needs the serve extra, which is not installed (missing: {', '.join(missing)}): "
+            "pip install 'lorafit[serve]' (or, in a clone, pip install -e '.[serve]')"
+        )
+
+
 def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: ServeLimits | None = None,
                device: str = "auto", precision: str | None = None, on_ready=None):  # fmt: skip
     """The ASGI (FastAPI) app serving `runs` ({name: run directory, or a ServedRun from `load_runs`}).
@@ -763,6 +777,7 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
     Run directories are loaded (and every run warmed up) on the inference thread at startup; until that is
     done /health and /predict answer 503. Then the process's live objects are frozen out of the garbage
     collector's full collections (`gc.freeze`). `on_ready(state)` is called once it is ready."""
+    require_serve_extra()
     from fastapi_offline import FastAPIOffline  # FastAPI with its /docs assets on disk: works offline
     from starlette.exceptions import HTTPException
 
@@ -883,6 +898,7 @@ def serve(run_dirs: Mapping[str, str], limits: ServeLimits, *, host: str = "127.
     accepting, finish the requests in flight (for up to `limits.timeout_s`) and return."""
     import signal
 
+    require_serve_extra()
     import uvicorn
 
     from .devices import cap_kernel_cache
