@@ -1,4 +1,4 @@
-"""Tests for the benchmarks' helpers: accuracy.py's splits and folds, predict_file.py's run, speed.py's smoke run (not the benchmark runs)."""
+"""Tests for the benchmarks' helpers: accuracy.py's splits and folds, predict_file.py's run, speed.py's smoke run, gemm_shapes.py's table (not the benchmark runs)."""
 
 from __future__ import annotations
 
@@ -216,3 +216,17 @@ def test_bypassed_adapters_compute_the_same_and_still_send_gradients_through_eve
     after.sum().backward()
     first = model.backbone.blocks[0].ln1.weight.grad
     assert first is not None and first.abs().sum() > 0  # the backward pass reached block 0
+
+
+def test_gemm_shapes_prints_a_row_per_projection_shape_with_both_backends(capsys) -> None:
+    import gemm_shapes
+
+    gemm_shapes.main(["--rows", "8,16", "--calls", "1", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 8 ×") or line.startswith("| 16 ×")]
+    assert len(rows) == 2 * len(gemm_shapes.SHAPES), out
+    assert "| 16 × 3072 × 768 |" in out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 6 and float(cells[1]) > 0 and float(cells[2]) > 0, row
+        assert cells[3].endswith("%"), row  # oneDNN may be absent from a build: then "–"
