@@ -324,3 +324,34 @@ def test_predict_to_a_file_hands_the_heap_back_after_every_chunk(trained, tmp_pa
     out = tmp_path / "out.csv"
     assert predict.predict_file(classifier, str(source), str(out), text_column="comment", chunk_rows=8) == 30
     assert len(trims) == 4  # 8 + 8 + 8 + 6 rows
+
+
+def test_the_python_api_of_docs_python_md_trains_evaluates_and_predicts_split_files(
+    tiny_gpt2_dir, files, tmp_path
+):
+    # The calls docs/python.md shows, on a tiny model: what a user copies runs as written there.
+    from lorafit.config import DataOptions, TrainConfig
+    from lorafit.predict import predict_file
+    from lorafit.run import RunOptions, evaluate_run, train_run
+
+    data = DataOptions(
+        source=str(files["train"]), val_source=str(files["dev"]), test_source=str(files["test"])
+    )
+    train = TrainConfig(seed=1, epochs=3, lr=5e-3, precision="fp32")
+    options = RunOptions(model=str(tiny_gpt2_dir), data=data, train=train, out=str(tmp_path / "mine"),
+                         class_weights="balanced")  # fmt: skip
+    run_dir = train_run(options, log=lambda *a, **k: None)
+    metrics = evaluate_run(run_dir, log=lambda *a, **k: None)
+    assert set(metrics) == {"train", "val", "test"}
+    assert [metrics[s]["count"] for s in ("train", "val", "test")] == list(files["sizes"])
+    assert {"accuracy", "macro_f1"} <= set(metrics["test"]) and metrics["test"]["accuracy"] > 0.5
+    comments = tmp_path / "comments.csv"
+    comments.write_text(
+        "id,body\n1,i feel so happy and glad today\n2,so scared and afraid\n", encoding="utf-8"
+    )
+    rows = predict_file(load_classifier(run_dir), str(comments), str(tmp_path / "predictions.csv"),
+                        text_column="body")  # fmt: skip
+    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert rows == 2 and [r["id"] for r in written] == ["1", "2"]
+    assert set(written[0]) == {"id", "body", "label", *(f"p_{name}" for name in CLASSES)}
