@@ -4,7 +4,8 @@ speed.py and profile_step.py count a row's "% of peak" against a 1024² matmul. 
 model's four projection shapes at a few row counts (246: a packed training batch of 8 SMS; 4,096: an
 inference batch at the token cap), the rate of MKL's product (`F.linear`, what lorafit runs) and of
 oneDNN's (`torch.utils.mkldnn` linear), each as a fraction of a 1024² rate measured just before it, with
-the weights warm in cache (best of `--repeats` timings each).
+the weights warm in cache (best of `--repeats` timings each). The 1024² rate is `speed.matmul_peak`'s, the
+one speed.py, profile_step.py and step_overhead.py divide by.
 
     python benchmarks/gemm_shapes.py [--rows 246,4096] [--precision fp32|bf16] [--threads 2]
 """
@@ -18,9 +19,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from speed import GPT2_124M, matmul_peak
 
 # (in, out) of GPT-2 124M's query-key-value, attention output, MLP up and MLP down projections.
-SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768))
+D = GPT2_124M["d_model"]
+SHAPES = ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D))
+# Seconds of 1024² bursts before each shape (`speed.matmul_peak`'s budget; its default 2 s is per run).
+PEAK_BUDGET_S = 0.5
 
 
 def best_seconds(fn: Callable[[], object], calls: int, repeats: int) -> float:
@@ -34,12 +39,6 @@ def best_seconds(fn: Callable[[], object], calls: int, repeats: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return best
-
-
-def square_rate(dtype: torch.dtype, calls: int, repeats: int) -> float:
-    """GFLOP/s of a 1024² product, the rate the benchmarks call the peak."""
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    return 2 * 1024**3 / best_seconds(lambda: a @ b, calls, repeats) / 1e9
 
 
 def shape_rates(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, calls: int, repeats: int) -> dict:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
             for fan_in, fan_out in SHAPES:
-                peak = square_rate(dtype, args.calls, args.repeats)
+                peak = matmul_peak(args.threads, PEAK_BUDGET_S, (args.precision,))[args.precision]
                 rates = shape_rates(rows, fan_in, fan_out, dtype, args.calls, args.repeats)
                 cells = [f"{rates[k]:.0f} | {100 * rates[k] / peak:.0f}%" if k in rates else "– | –"
                          for k in ("mkl", "onednn")]  # fmt: skip

@@ -728,9 +728,11 @@ MEDIAN_KEYS = (
 )
 
 
-def matmul_peak(threads: int, budget_s: float = 2.0) -> dict[str, float]:
-    """GFLOP/s of a 1024 x 1024 matrix product in fp32 and in bf16 with `threads` threads, the best of up to
-    five bursts: the machine's practical peak that the table's fractions divide by.
+def matmul_peak(
+    threads: int, budget_s: float = 2.0, dtypes: tuple[str, ...] = ("fp32", "bf16")
+) -> dict[str, float]:
+    """GFLOP/s of a 1024 x 1024 matrix product in each of `dtypes` (fp32 and bf16) with `threads` threads,
+    the best of up to five bursts: the machine's practical peak that the table's fractions divide by.
 
     A burst is up to 10 products and about 0.2 s; the bursts of one dtype stop after `budget_s`. Where the CPU
     has no bf16 instructions one bf16 product takes seconds (2.4 s at 0.9 GFLOP/s on an fp32-only EPYC), and
@@ -740,7 +742,8 @@ def matmul_peak(threads: int, budget_s: float = 2.0) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     peak = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
         a @ b  # warm-up: the first product pays for allocation and kernel choice
         bursts = []  # the best burst: a VM's neighbours slow some of them (seen: 140-280 GFLOP/s)
