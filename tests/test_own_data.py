@@ -5,6 +5,7 @@ prediction from a file to a file (streamed, atomic, and the same under torchrun)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -281,6 +282,41 @@ def test_predict_to_a_file_is_atomic_and_names_bad_rows(trained, tmp_path, capsy
         ["predict", "--run", trained, "--file", source, "--out", tmp_path / "x.xlsx"], capsys
     )
     assert code == 2 and "unsupported file type '.xlsx'" in err
+
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_predict_reads_standard_input_as_it_reads_a_file(trained, tmp_path, capsys, monkeypatch):
+    texts = [text for _, text in six_class_rows(40, 9)]
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    code, from_file, _ = run_main(["predict", "--run", trained, "--file", source, "--json"], capsys)
+    assert code == 0 and len(from_file.splitlines()) == 40
+    stdin_of(monkeypatch, source.read_bytes())
+    code, from_stdin, _ = run_main(["predict", "--run", trained, "--file", "-", "--json"], capsys)
+    assert code == 0 and from_stdin == from_file  # one text per line, in order
+    # --format reads standard input (or a file of any suffix) as CSV / JSON lines; --out takes its columns
+    csv_input = write_inputs(tmp_path / "in.csv", 30)
+    stdin_of(monkeypatch, csv_input.read_bytes())
+    out = tmp_path / "from-stdin.csv"
+    code, _, err = run_main(["predict", "--run", trained, "--file", "-", "--format", "csv", "--text-column",
+                             "comment", "--out", out], capsys)  # fmt: skip
+    assert code == 0 and "Wrote 30 rows" in err
+    renamed = tmp_path / "in.data"
+    renamed.write_bytes(csv_input.read_bytes())
+    code, _, _ = run_main(["predict", "--run", trained, "--file", renamed, "--format", "csv", "--text-column",
+                           "comment", "--out", tmp_path / "from-file.csv"], capsys)  # fmt: skip
+    assert code == 0 and out.read_bytes() == (tmp_path / "from-file.csv").read_bytes()
+    stdin_of(monkeypatch, b'{"text": "happy glad"}\n{"text": "sad"\n')
+    code, printed, err = run_main(["predict", "--run", trained, "--file", "-", "--format", "jsonl"], capsys)
+    assert code == 2 and "standard input: line 2: invalid JSON" in err
+    code, _, err = run_main(["predict", "--run", trained, "--format", "csv", "some text"], capsys)
+    assert code == 2 and "--format says how to read --file" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, where no rank owns the terminal's input
+    code, _, err = run_main(["predict", "--run", trained, "--file", "-"], capsys)
+    assert code == 2 and "needs a single process" in err
 
 
 def free_port() -> int:

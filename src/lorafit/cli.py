@@ -288,6 +288,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import os
 
     from . import distributed
+    from .data import STDIN
     from .predict import predict_file
     from .run import load_classifier
 
@@ -297,10 +298,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.out and args.texts:
         raise LorafitError("--out writes the rows of --file; give texts as arguments without --out")
     if not args.texts and not args.file:
-        raise LorafitError("nothing to predict: give texts as arguments or --file FILE")
-    if args.file and not os.path.isfile(args.file):
+        raise LorafitError(
+            "nothing to predict: give texts as arguments, or --file FILE (- for standard input)"
+        )
+    if args.format and not args.file:
+        raise LorafitError("--format says how to read --file; give --file IN (or - for standard input)")
+    stdin = args.file == STDIN
+    if stdin and distributed.launched_by_torchrun():
+        raise LorafitError("--file - (standard input) needs a single process; under torchrun give a file")
+    if args.file and not stdin and not os.path.isfile(args.file):
         raise LorafitError(f"--file {args.file}: no such file")
-    if args.out and os.path.exists(args.out) and os.path.samefile(args.out, args.file):
+    if args.out and not stdin and os.path.exists(args.out) and os.path.samefile(args.out, args.file):
         raise LorafitError(f"--out {args.out} is the input file; choose another path")
     for option in ("batch_size", "chunk_rows"):
         if getattr(args, option) < 1:
@@ -317,7 +325,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.file:
         rows = predict_file(classifier, args.file, args.out, text_column=args.text_column,
                             header=False if args.no_header else None, encoding=args.encoding,
-                            batch_size=args.batch_size, chunk_rows=args.chunk_rows, as_json=args.json)  # fmt: skip
+                            batch_size=args.batch_size, chunk_rows=args.chunk_rows, as_json=args.json,
+                            fmt=args.format)  # fmt: skip
         if args.out and distributed.is_main():
             print(f"Wrote {rows:,} rows with label and p_<label> columns to {args.out}", file=sys.stderr)
     distributed.shutdown()
@@ -515,7 +524,10 @@ def _predict_parser(sub) -> None:
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--file", default=None,
-                   help="a data file (.tsv / .txt: one text per line or tab-separated, .csv, .jsonl) to classify")  # fmt: skip
+                   help="a data file (.tsv / .txt: one text per line or tab-separated, .csv, .jsonl) to classify; "
+                        "- reads standard input (one text per line unless --format)")  # fmt: skip
+    p.add_argument("--format", default=None, choices=["tsv", "csv", "jsonl"],
+                   help="how to read --file, whatever its suffix (default: from the suffix; tsv for -)")  # fmt: skip
     p.add_argument("--text-column", default=None, help="the text column of --file (name, or 0-based number)")
     p.add_argument("--no-header", action="store_true", help="--file has no header row")
     p.add_argument("--encoding", default="utf-8", help="encoding of --file")

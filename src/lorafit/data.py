@@ -6,6 +6,7 @@ Bad input of any kind becomes a one-line LorafitError that names the file (and l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -14,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -46,6 +48,7 @@ TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body")
 # File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
 FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+STDIN = "-"  # the path that means standard input, as in Unix tools
 
 
 @dataclass
@@ -423,17 +426,26 @@ def read_text_chunks(
     header: bool | None = None,
     encoding: str = "utf-8",
     chunk_rows: int = 4096,
+    fmt: str | None = None,
 ) -> tuple[list[str], int | str, Iterator[list[tuple[int, list[str] | dict]]]]:
     """Stream a file to classify, without reading it whole: `(columns, text_key, chunks)`.
 
-    The formats are `read_table`'s; no label column is needed. `columns` are the header's names (for a
-    headerless table `column_0`, `column_1`, ...), `text_key` the text column (an index, or a key for
-    .jsonl), and `chunks` yields lists of up to `chunk_rows` `(line, cells or object)` rows."""
+    The formats are `read_table`'s; no label column is needed. `path` "-" is standard input. `fmt`
+    ("tsv", "csv" or "jsonl") overrides the format the suffix implies (standard input: "tsv", one text
+    per line). `columns` are the header's names (for a headerless table `column_0`, `column_1`, ...),
+    `text_key` the text column (an index, or a key for .jsonl), and `chunks` yields lists of up to
+    `chunk_rows` `(line, cells or object)` rows."""
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl)")
+        fmt = "tsv" if str(path) == STDIN else FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise LorafitError(
+            f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl, or --format)"
+        )
+    if fmt not in FORMATS.values():
+        raise LorafitError(f"unknown format {fmt!r} (use tsv, csv or jsonl)")
     rows = _stream_rows(path, fmt, encoding)
+    path = _source_name(path)
     try:
         first_line, first = next(rows)
     except StopIteration:
@@ -467,10 +479,14 @@ def read_text_chunks(
     return columns, key, _chunks(body, chunk_rows)
 
 
+def _source_name(path: Path) -> str:
+    return "standard input" if str(path) == STDIN else str(path)
+
+
 def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, list[str] | dict]]:
     """(line, cells or object) for each non-blank row, decoding line by line so an error names its line."""
     try:
-        handle = open(path, "rb")
+        handle = sys.stdin.buffer if str(path) == STDIN else open(path, "rb")
     except FileNotFoundError:
         raise LorafitError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -481,14 +497,15 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
         "".encode(encoding)
     except LookupError:
         raise LorafitError(f"unknown encoding {encoding!r}") from None
+    name = _source_name(path)
 
     def decoded() -> Iterator[str]:
-        with handle:
+        with contextlib.nullcontext() if handle is sys.stdin.buffer else handle:  # stdin stays open
             for number, raw in enumerate(handle, start=1):
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError:
-                    raise LorafitError(f"{path}: line {number}: not valid {encoding} text; if the file is "
+                    raise LorafitError(f"{name}: line {number}: not valid {encoding} text; if the file is "
                                        "Latin-1, pass --encoding latin-1") from None  # fmt: skip
                 yield line.removeprefix("\ufeff") if number == 1 else line
 
@@ -501,7 +518,7 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
                     yield start, cells
                 start = reader.line_num + 1
         except csv.Error as e:
-            raise LorafitError(f"{path}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
+            raise LorafitError(f"{name}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
         return
     n_cols = 0
     for number, line in enumerate(decoded(), start=1):
@@ -509,7 +526,7 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
         if not line.strip():
             continue
         if fmt == "jsonl":
-            yield number, _json_object(line, str(path), number)
+            yield number, _json_object(line, name, number)
             continue
         n_cols = n_cols or line.count("\t") + 1  # as `_split_rows`: the first row fixes the columns
         yield number, line.split("\t", n_cols - 1)

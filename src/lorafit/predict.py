@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .allocator import release_free_memory
 from .config import INFERENCE_BATCH_SIZE
-from .data import _cell, read_text_chunks
+from .data import STDIN, _cell, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
 
@@ -30,26 +30,29 @@ OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
                  header: bool | None = None, encoding: str = "utf-8", batch_size: int = INFERENCE_BATCH_SIZE,
-                 chunk_rows: int = 4096, as_json: bool = False) -> int:  # fmt: skip
-    """Classify every row of `path`; write them to `out` (or print one line per row when `out` is None).
-    Returns the number of rows."""
-    fmt = None
+                 chunk_rows: int = 4096, as_json: bool = False, fmt: str | None = None) -> int:  # fmt: skip
+    """Classify every row of `path` ("-": standard input) read as `fmt` (None: from its suffix); write
+    them to `out` (or print one line per row when `out` is None). Returns the number of rows."""
+    out_fmt = None
     if out is not None:
-        fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
-        if fmt is None:
+        out_fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
+        if out_fmt is None:
             raise LorafitError(
                 f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv or .jsonl)"
             )
     columns, key, chunks = read_text_chunks(path, text_column=text_column, header=header, encoding=encoding,
-                                            chunk_rows=chunk_rows)  # fmt: skip
+                                            chunk_rows=chunk_rows, fmt=fmt)  # fmt: skip
     main = distributed.is_main()
     bar = tqdm(
-        total=_count_lines(path) if main else 0, unit="line", desc="predict", disable=not main or out is None
+        total=_count_lines(path) if main and str(path) != STDIN else None,
+        unit="line",
+        desc="predict",
+        disable=not main or out is None,
     )
     labels = classifier.labels
     rows = 0
     with _output(out, main) as sink:
-        writer = _writer(sink, fmt, columns, labels) if sink is not None else None
+        writer = _writer(sink, out_fmt, columns, labels) if sink is not None else None
         for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
             rows += len(chunk)
             release_free_memory()  # the chunk's batches are freed: its scattered blocks go back to the system
