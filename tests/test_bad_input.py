@@ -57,6 +57,7 @@ CASES = [
     (["--max-length", "0"], "--max-length must be between 1 and the model's context 64, got 0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
     (["--ema", "1"], "--ema must be a decay from 0"),
+    (["--patience", "-1"], "--patience must be 0 (off) or a number of epochs, got -1"),
     (["--ema", "-0.5"], "--ema must be a decay from 0"),
     (["--pooling", "pooler"], "--pooling pooler needs a BERT checkpoint with a pooler"),
     (["--device", "cuda"], "--device cuda: CUDA is not available"),

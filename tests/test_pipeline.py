@@ -535,6 +535,64 @@ def test_ema_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(
         assert torch.equal(a, b), name
 
 
+def test_patience_stops_early_keeps_the_best_epoch_and_resumes_to_the_same_stop(
+    tiny_gpt2_config, monkeypatch
+):
+    import lorafit.train as train_module
+    from lorafit.config import resolve_train_config
+    from lorafit.train import Split, fit
+
+    generator = torch.Generator().manual_seed(6)
+    rows = [
+        torch.randint(0, 50000, (int(n),), generator=generator).tolist() for n in torch.randint(2, 12, (16,))
+    ]
+    train, val = Split(rows[:12], [i % 2 for i in range(12)]), Split(rows[12:], [0, 1, 0, 1])
+    scripted = {}  # epoch -> validation loss: the best at epoch 2, then two epochs without a lower one
+    losses = {1: 0.5, 2: 0.4, 3: 0.45, 4: 0.4, 5: 0.3}
+
+    def scripted_evaluate(*args, **kwargs):
+        epoch = len(scripted) + 1
+        scripted[epoch] = losses[epoch]
+        return {"loss": losses[epoch], "accuracy": 0.5}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted_evaluate)
+    config = resolve_train_config(TrainConfig(epochs=5, batch_size=4, lr=3e-2, patience=2, seed=5,
+                                              precision="fp32"), "gpt2")  # fmt: skip
+    assert config.keep_best  # --patience keeps the best epoch unless --no-keep-best says otherwise
+    assert not resolve_train_config(TrainConfig(patience=2, keep_best=False), "gpt2").keep_best
+    assert not resolve_train_config(TrainConfig(), "gpt2").keep_best  # the lab's default is untouched
+    states, lines = [], []
+
+    def run(model, **extra):
+        torch.manual_seed(config.seed)
+        return fit(
+            model, train, val, ["ham", "spam"], config, pad_id=50256, device=torch.device("cpu"),
+            precision="fp32", print_fn=lines.append, **extra,
+        )  # fmt: skip
+
+    model = _tiny_classifier(tiny_gpt2_config).train()
+    history = run(model, checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # epoch 4 tied epoch 2: not lower, so no reset
+    assert any(line.startswith("Stopping early: the validation loss has not fallen below epoch 2's for 2 epochs")
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("Keeping epoch 2 ") for line in lines)
+    after_epoch_2 = next(s for s in states if s["epoch"] == 3 and s["batch"] == 0)["trainable"]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), after_epoch_2[name]), name
+    # The checkpoint written at the stop resumes to the same end without training or validating again.
+    scripted.clear()
+    resumed = _tiny_classifier(tiny_gpt2_config).train()
+    assert without_wall_time(run(resumed, resume=states[-1])) == without_wall_time(history)
+    assert scripted == {}
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    # Without patience every epoch runs.
+    scripted.clear()
+    config.patience = 0
+    assert len(run(_tiny_classifier(tiny_gpt2_config).train())) == 5
+
+
 @pytest.mark.parametrize("val_losses, hint", [((0.5, 0.4, 0.3), True), ((0.5, 0.3, 0.4), False)])
 def test_keep_best_suggests_more_epochs_only_when_the_last_epoch_validated_best(val_losses, hint):
     from types import SimpleNamespace

@@ -237,6 +237,7 @@ def build_backbone(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Mo
 
 
 def build_tokenizer(spec: ModelSpec):
+    """The model's tokenizer: GPT-2's BPE (tiktoken) or its tokenizer.json."""
     from .tokenizers import GPT2Tokenizer, HFTokenizer
 
     return GPT2Tokenizer() if spec.tokenizer == "gpt2" else HFTokenizer(spec.tokenizer)
@@ -325,6 +326,7 @@ def parameter_report(spec: ModelSpec, lora: LoRAConfig | None, num_classes: int 
 
 
 def default_pooling(family: str) -> str:
+    """GPT-2 pools its last token (it sees the whole text); BERT-family encoders take the mean."""
     return "last" if family == "gpt2" else "mean"
 
 

@@ -73,6 +73,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def lora_config_from(args: argparse.Namespace) -> LoRAConfig | None:
+    """The LoRA settings of the command line; None with --full-finetune."""
     if args.full_finetune:
         return None
     return LoRAConfig(
@@ -108,8 +109,8 @@ def add_malloc_option(p) -> None:
 def add_streams_option(p) -> None:
     p.add_argument("--streams", default="1",
                    help="inference threads that each score a share of the texts, each on threads / N cores "
-                        "(default 1; 2 on a 2-core fp32 CPU: GPT-2 2 %% faster, MiniLM no faster and more "
-                        "memory; training always runs in one)")  # fmt: skip
+                        "(default 1; measured with 2 on a 2-core fp32 CPU: GPT-2 2 %% faster, MiniLM no faster "
+                        "and more memory; training always runs in one)")  # fmt: skip
 
 
 def set_runtime_options(args: argparse.Namespace) -> None:
@@ -149,6 +150,7 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam
 
 
 def data_options_from(args: argparse.Namespace):
+    """The data options of the command line (source files, columns, split, seed)."""
     from .run import DataOptions
 
     return DataOptions(
@@ -247,6 +249,7 @@ def train_data_options_from(args: argparse.Namespace):
 
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The training settings of the command line; refuses options that exclude each other."""
     if args.packing and args.no_bucketing:  # only an explicit --packing
         raise LorafitError("--packing and --no-bucketing exclude each other (packed batches have no padding)")
     if args.ema is not None and not 0 <= args.ema < 1:
@@ -261,6 +264,7 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
         mix_classes=not args.no_class_mixing, packing=args.packing is not False and not args.no_bucketing,
         packed_width=args.packed_width,
         scheduler=args.scheduler, warmup=args.warmup, keep_best=args.keep_best, ema=args.ema,
+        patience=args.patience,
         activation_checkpointing=args.activation_checkpointing, device=args.device,
     )  # fmt: skip
 
@@ -461,6 +465,9 @@ def _add_training_options(p) -> None:
     )
     g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="restore the epoch with the lowest validation loss (default: off GPT-2, on BERT)")  # fmt: skip
+    g.add_argument("--patience", type=int, default=0, metavar="N",
+                   help="stop early once the validation loss has not fallen for N epochs; with --keep-best "
+                        "the best epoch is kept (default 0: run every epoch)")  # fmt: skip
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate and keep an exponential moving average of the trained weights, with this "
                         "decay per optimiser step, e.g. 0.99 (default 0: off)")  # fmt: skip
@@ -519,7 +526,9 @@ def _eval_parser(sub) -> None:
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="classify texts with a trained run (arguments, or a file to a file)")
+    p = sub.add_parser(
+        "predict", help="classify texts with a trained run (arguments, a file, or standard input)"
+    )
     # --run-dir: under torchrun, whose own parser reads "--run" as an abbreviation of its --run-path
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     p.add_argument("texts", nargs="*", help="texts to classify")

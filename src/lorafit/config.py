@@ -184,6 +184,7 @@ class TrainConfig:
     scheduler: str | None = None  # constant | linear | cosine
     warmup: float | None = None  # fraction of the optimiser steps spent warming up
     keep_best: bool | None = None  # at the end, restore the epoch with the lowest validation loss
+    patience: int = 0  # stop once the validation loss has not fallen for this many epochs (0: never)
     # Validate, keep and save an exponential moving average of the trainable weights (this decay per
     # optimiser step; 0: off) instead of the weights of the last step.
     ema: float | None = None
@@ -219,6 +220,10 @@ def resolve_train_config(config: TrainConfig, family: str, architecture: str | N
     """A copy of `config` with every `None` filled from the architecture's, then the family's defaults."""
     values = asdict(config)
     defaults = {**FAMILY_DEFAULTS[family], **ARCHITECTURE_DEFAULTS.get(architecture or "", {})}
+    if values.get("keep_best") is None and values.get("patience"):
+        values["keep_best"] = (
+            True  # stopping early keeps the best epoch, not the `patience` worse ones after it
+        )
     for key, value in defaults.items():
         if values.get(key) is None:
             values[key] = value

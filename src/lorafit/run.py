@@ -548,6 +548,7 @@ def _plot(run_dir: Path, history: list[dict], steps: list[dict], metrics: dict, 
 
 
 def format_parameter_report(report: dict) -> str:
+    """The lab's parameter lines (trainable / total before and after the head) from `parameter_report`."""
     lines = []
     for key, title in (
         ("before_head", "before the classification head"),
@@ -573,6 +574,7 @@ def validate_train_config(config: TrainConfig) -> None:
         (config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}"),
         (config.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {config.eval_batch_size}"),
         (0 <= config.warmup < 1, f"--warmup must be in [0, 1), got {config.warmup}"),
+        (config.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {config.patience}"),
     ]
     for ok, message in checks:
         if not ok:

