@@ -593,6 +593,33 @@ def test_patience_stops_early_keeps_the_best_epoch_and_resumes_to_the_same_stop(
     assert len(run(_tiny_classifier(tiny_gpt2_config).train())) == 5
 
 
+def test_an_early_stop_with_ema_ends_on_the_average_it_validated(tiny_gpt2_config, monkeypatch):
+    import lorafit.train as train_module
+    from lorafit.train import Split, fit
+
+    generator = torch.Generator().manual_seed(7)
+    rows = [
+        torch.randint(0, 50000, (int(n),), generator=generator).tolist() for n in torch.randint(2, 12, (16,))
+    ]
+    train, val = Split(rows[:12], [i % 2 for i in range(12)]), Split(rows[12:], [0, 1, 0, 1])
+    validated = []  # the trainable weights each validation saw
+
+    def scripted_evaluate(model, *args, **kwargs):
+        validated.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return {"loss": (0.5, 0.6)[len(validated) - 1], "accuracy": 0.5}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted_evaluate)
+    config = TrainConfig(epochs=4, batch_size=4, lr=3e-2, ema=0.6, keep_best=False, patience=1,
+                         scheduler="constant", warmup=0.0, seed=5, precision="fp32")  # fmt: skip
+    model = _tiny_classifier(tiny_gpt2_config).train()
+    history = fit(model, train, val, ["ham", "spam"], config, pad_id=50256, device=torch.device("cpu"),
+                  precision="fp32", print_fn=lambda line: None)  # fmt: skip
+    assert len(history) == 2  # no fall after epoch 1: stopped after epoch 2 of 4
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the moving average validated at the stop, not the raw weights under it
+            assert torch.equal(p.detach(), validated[-1][name]), name
+
+
 @pytest.mark.parametrize("val_losses, hint", [((0.5, 0.4, 0.3), True), ((0.5, 0.3, 0.4), False)])
 def test_keep_best_suggests_more_epochs_only_when_the_last_epoch_validated_best(val_losses, hint):
     from types import SimpleNamespace
