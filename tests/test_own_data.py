@@ -284,6 +284,36 @@ def test_predict_to_a_file_is_atomic_and_names_bad_rows(trained, tmp_path, capsy
     assert code == 2 and "unsupported file type '.xlsx'" in err
 
 
+def test_predicting_a_labelled_file_keeps_its_label_column(trained, tmp_path, capsys):
+    rows = six_class_rows(20, 11)
+    source = tmp_path / "test.tsv"
+    source.write_text(
+        "label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8"
+    )
+    out = tmp_path / "predictions.tsv"
+    code, _, err = run_main(["predict", "--run", trained, "--file", source, "--out", out], capsys)
+    assert code == 0 and "Wrote 20 rows with predicted_label and predicted_p_<label> columns" in err
+    header, *lines = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    assert header == ["label", "text", "predicted_label", *(f"predicted_p_{c}" for c in sorted(CLASSES))]
+    assert [(line[0], line[1]) for line in lines] == rows  # the gold labels, untouched
+    expected = load_classifier(trained, device="cpu").predict([text for _, text in rows])
+    assert [line[2] for line in lines] == [e["label"] for e in expected]
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": g}) + "\n" for g, t in rows), encoding="utf-8")
+    code, _, _ = run_main(
+        ["predict", "--run", trained, "--file", jsonl, "--out", tmp_path / "p.jsonl"], capsys
+    )
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert code == 0 and [(w["label"], w["predicted_label"]) for w in written] == [
+        (g, e["label"]) for (g, _), e in zip(rows, expected)
+    ]
+    from lorafit.predict import prediction_prefix
+
+    assert prediction_prefix(["id", "text"], ["ham", "spam"]) == ""
+    assert prediction_prefix(["text", "p_spam"], ["ham", "spam"]) == "predicted_"
+    assert prediction_prefix(["label", "predicted_label"], ["ham", "spam"]) == "predicted_predicted_"
+
+
 def stdin_of(monkeypatch, data: bytes) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
 

@@ -327,12 +327,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         else:
             print(f"{result['label']}\t{result['probabilities'][result['label']]:.4f}\t{text}")
     if args.file:
-        rows = predict_file(classifier, args.file, args.out, text_column=args.text_column,
-                            header=False if args.no_header else None, encoding=args.encoding,
-                            batch_size=args.batch_size, chunk_rows=args.chunk_rows, as_json=args.json,
-                            fmt=args.format)  # fmt: skip
-        if args.out and distributed.is_main():
-            print(f"Wrote {rows:,} rows with label and p_<label> columns to {args.out}", file=sys.stderr)
+        predict_file(classifier, args.file, args.out, text_column=args.text_column,
+                     header=False if args.no_header else None, encoding=args.encoding,
+                     batch_size=args.batch_size, chunk_rows=args.chunk_rows, as_json=args.json,
+                     fmt=args.format, log=lambda line: print(line, file=sys.stderr))  # fmt: skip
     distributed.shutdown()
 
 

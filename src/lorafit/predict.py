@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,9 +30,14 @@ OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
                  header: bool | None = None, encoding: str = "utf-8", batch_size: int = INFERENCE_BATCH_SIZE,
-                 chunk_rows: int = 4096, as_json: bool = False, fmt: str | None = None) -> int:  # fmt: skip
+                 chunk_rows: int = 4096, as_json: bool = False, fmt: str | None = None,
+                 log: Callable[[str], object] | None = None) -> int:  # fmt: skip
     """Classify every row of `path` ("-": standard input) read as `fmt` (None: from its suffix); write
-    them to `out` (or print one line per row when `out` is None). Returns the number of rows."""
+    them to `out` (or print one line per row when `out` is None). Returns the number of rows.
+
+    The added columns are `label` and `p_<label>`, or `predicted_label` and `predicted_p_<label>` where
+    the input has a column of one of those names (a labelled test file), so no input column is lost.
+    `log` receives the closing "Wrote N rows ..." line (from rank 0)."""
     out_fmt = None
     if out is not None:
         out_fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
@@ -50,9 +55,10 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
         disable=not main or out is None,
     )
     labels = classifier.labels
+    prefix = prediction_prefix(columns, labels)
     rows = 0
     with _output(out, main) as sink:
-        writer = _writer(sink, out_fmt, columns, labels) if sink is not None else None
+        writer = _writer(sink, out_fmt, columns, labels, prefix) if sink is not None else None
         for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
             rows += len(chunk)
             release_free_memory()  # the chunk's batches are freed: its scattered blocks go back to the system
@@ -67,7 +73,18 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                     _print_row(_cell(row, key), labels[best], dict(zip(labels, p)), as_json)
             bar.update(chunk[-1][0] - bar.n)  # to the chunk's last line
     bar.close()
+    if out is not None and main and log is not None:
+        log(f"Wrote {rows:,} rows with {prefix}label and {prefix}p_<label> columns to {out}")
     return rows
+
+
+def prediction_prefix(columns: list[str], labels: list[str]) -> str:
+    """ "" for the added columns `label`, `p_<label>`; "predicted_" (repeated) while one of them would
+    take the name of an input column."""
+    prefix, taken = "", set(columns)
+    while taken & {f"{prefix}label", *(f"{prefix}p_{label}" for label in labels)}:
+        prefix += "predicted_"
+    return prefix
 
 
 def _logits_in_order(classifier, chunks: Iterator[list], key, batch_size: int, classes: int, chunk_rows: int):
@@ -118,16 +135,15 @@ class _output:
         return False
 
 
-def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[str]):
-    """A function writing one input row (cells or object) with its label and probabilities."""
-    added = ["label", *(f"p_{label}" for label in labels)]
+def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[str], prefix: str = ""):
+    """A function writing one input row (cells or object) with its label and probabilities, in columns
+    named `prefix` + "label" and `prefix` + "p_<label>"."""
+    added = [f"{prefix}label", *(f"{prefix}p_{label}" for label in labels)]
     if fmt == "jsonl":
 
         def write_json(row, label, p):
             values = row if isinstance(row, dict) else dict(zip(columns, row))
-            handle.write(
-                json.dumps({**values, "label": label, **{f"p_{k}": v for k, v in zip(labels, p)}}) + "\n"
-            )
+            handle.write(json.dumps({**values, **dict(zip(added, [label, *p]))}) + "\n")
 
         return write_json
     table = csv.writer(handle, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n",
