@@ -142,6 +142,11 @@ def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
         ["predict", "--run", run, "--file", bad_files / "latin1.tsv", "--encoding", "latin-1"], capsys
     )
     assert code == 0 and len(stdout.splitlines()) == 20
+    # One class is refused for training, not for evaluation (a batch of ham only: its recall).
+    code, stdout, _ = run_main(
+        ["eval", "--run", run, "--data", bad_files / "one_class.tsv", "--json"], capsys
+    )
+    assert code == 0 and json.loads(stdout)["data"]["count"] == 20
 
 
 def test_skipped_and_truncated_rows_are_reported(bad_files, tiny_gpt2_dir, capsys):

@@ -77,9 +77,9 @@ def test_jsonl(tmp_path):
     ds = read_table(path)
     assert ds.texts == ["good film", "bad film", "meh"]
     assert ds.labels == ["1", "0", "0"]
-    # Rows without the key are skipped; the one left is a single class.
-    with pytest.raises(LorafitError, match="every row has the label '7'"):
-        read_table(path, label_column="id")
+    # Rows without the key are skipped (the one left is a single class: training refuses it, not reading).
+    one = read_table(path, label_column="id")
+    assert one.labels == ["7"] and one.skipped == 2
     with pytest.raises(LorafitError, match="no label column named 'nope'.*'text', 'label', 'id'"):
         read_table(path, label_column="nope")
 
@@ -156,12 +156,6 @@ def test_header_auto_detection_and_explicit_columns(tmp_path):
         ),
         ("same.tsv", "ham\thi\nspam\tyo\n", {"text_column": "0", "label_column": "0"}, r"the same column"),
         (
-            "one.tsv",
-            "ham\thi\nham\tyo\n",
-            {},
-            r"one\.tsv: every row has the label 'ham'; a classifier needs at least 2 classes",
-        ),
-        (
             "strict.tsv",
             "ham\thi\n\tno label\nspam\tyo\n",
             {"strict": True},
@@ -195,6 +189,22 @@ def test_bad_input_is_one_line_lorafit_error(tmp_path, name, content, kwargs, me
     with pytest.raises(LorafitError, match=message) as info:
         read_table(path, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_one_class_is_refused_for_training_only(tmp_path):
+    from lorafit.config import DataOptions
+    from lorafit.data import load_splits
+
+    one = write(tmp_path / "one.tsv", "ham\thi\nham\tyo\n")
+    assert read_table(one).labels == ["ham", "ham"]  # a file to evaluate may hold one class
+    two = write(tmp_path / "two.tsv", "".join(f"{'ham' if i % 2 else 'spam'}\ttext {i}\n" for i in range(20)))
+    message = r"one\.tsv: every row has the label 'ham'; a classifier needs at least 2 classes"
+    for options in (DataOptions(source=str(one)), DataOptions(source=str(one), val_source=str(two))):
+        with pytest.raises(LorafitError, match=message):
+            load_splits(options, seed=1, log=lambda line: None)
+    splits = load_splits(DataOptions(source=str(two), val_source=str(one), test_source=str(one)), seed=1,
+                         log=lambda line: None)  # fmt: skip
+    assert [splits.dataset.labels[i] for i in splits.val] == ["ham", "ham"]
 
 
 def test_directory_and_latin1(tmp_path):
@@ -251,7 +261,7 @@ def test_read_table_never_crashes(tmp_path, suffix, blob, header, strict):
         assert "\n" not in str(e)
     else:
         assert isinstance(ds, TextDataset)
-        assert len(ds.texts) == len(ds.labels) and len(set(ds.labels)) >= 2
+        assert len(ds.texts) == len(ds.labels) >= 1  # one class is a file to evaluate; training refuses it
 
 
 # --- the SMS spam loader ----------------------------------------------------------------------

@@ -305,13 +305,19 @@ def _parse_text(
 
     if not texts:
         raise LorafitError(f"{source}: no usable rows ({skipped} skipped for a missing label or empty text)")
-    classes = label_names(labels)
+    return TextDataset(texts=texts, labels=labels, source=source, skipped=skipped, lines=lines)
+
+
+def require_two_classes(dataset: TextDataset) -> TextDataset:
+    """Refuse training data of one class. A file to evaluate, or a dev / test file, may hold one (a new
+    batch of spam, to measure its recall)."""
+    classes = label_names(dataset.labels)
     if len(classes) < 2:
         raise LorafitError(
-            f"{source}: every row has the label {classes[0]!r}; a classifier needs at least 2 classes"
+            f"{dataset.source}: every row has the label {classes[0]!r}; a classifier needs at least 2 classes"
             " (is --label-column right?)"
         )
-    return TextDataset(texts=texts, labels=labels, source=source, skipped=skipped, lines=lines)
+    return dataset
 
 
 def _split_rows(text: str, fmt: str, source: str) -> list[tuple[int, list[str]]]:
@@ -644,7 +650,7 @@ def load_splits(options, seed: int, log: Callable[[str], object] = print) -> Spl
     `split`, or split files used as they are (`DataOptions.split_files`)."""
     if options.split_files():
         return _load_split_files(options, seed, log)
-    dataset = _read(options, options.source, log)
+    dataset = require_two_classes(_read(options, options.source, log))
     indices = (
         balance_classes(dataset.labels, seed)
         if options.resolved_balance()
@@ -675,7 +681,7 @@ def _load_split_files(options, seed: int, log) -> Splits:
         raise LorafitError(
             "--val-data / --test-data / --val-fraction need --data TRAIN_FILE (not the built-in sms-spam)"
         )
-    train = _read(options, options.source, log)
+    train = require_two_classes(_read(options, options.source, log))
     parts = {"val": options.val_source, "test": options.test_source}
     read = {name: _read(options, path, log) for name, path in parts.items() if path is not None}
     known = set(train.labels)
