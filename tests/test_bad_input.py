@@ -36,7 +36,7 @@ CASES = [
     (["--data", "{tmp}/folder.tsv"], "folder.tsv: is a directory"),
     (["--data", "{tmp}/latin1.tsv"], "latin1.tsv: line 2: not valid utf-8"),
     (["--data", "{tmp}/latin1.tsv", "--encoding", "klingon"], "unknown encoding 'klingon'"),
-    (["--data", "{tmp}/header.csv"], "no header row and 3 column(s)"),
+    (["--data", "{tmp}/header.csv"], "the first row ('id', 'words', 'kind') names no usual text column"),
     (["--data", "{tmp}/header.csv", "--text-column", "words"], "cannot tell which column holds the label (columns: 'id', 'words', 'kind')"),
     (["--data", "{tmp}/named.csv", "--text-column", "body"], "no text column named 'body' (columns: 'label', 'message')"),
     (["--data", "{tmp}/no_label.tsv", "--strict"], "no_label.tsv: line 2: missing label"),

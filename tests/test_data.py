@@ -111,6 +111,25 @@ def test_header_auto_detection_and_explicit_columns(tmp_path):
     assert read_table(path, header=True, text_column="1", label_column="0").texts == ["hi", "yo"]
 
 
+def test_a_two_column_header_with_one_usual_name(tmp_path):
+    path = write(tmp_path / "a.csv", "comment,stars\ngreat film,5\ndull,1\n")
+    ds = read_table(path)
+    assert ds.texts == ["great film", "dull"] and ds.labels == ["5", "1"]
+    path = write(tmp_path / "b.tsv", "label\ttweet words\npos\tyay\nneg\tboo\n")  # the other column: text
+    assert read_table(path).texts == ["yay", "boo"]
+    path = write(tmp_path / "c.tsv", "sentiment\tsentence\npos\tyay\nneg\tboo\n")  # both usual names
+    assert read_table(path).labels == ["pos", "neg"]
+    path = write(tmp_path / "d.tsv", "ham\ty\nspam\tfree\n")  # "y" alone is a label value, not a header
+    assert read_table(path).texts == ["y", "free"]
+    from lorafit.data import read_text_chunks
+
+    path = write(tmp_path / "e.csv", "label,words\nham,hello\n")
+    columns, key, chunks = read_text_chunks(path)
+    assert columns == ["label", "words"] and key == 1 and [r for _, r in next(chunks)] == [["ham", "hello"]]
+    path = write(tmp_path / "f.csv", "id,tweet,lang\n1,hello,en\n")
+    assert read_text_chunks(path)[1] == 1
+
+
 @pytest.mark.parametrize(
     "name, content, kwargs, message",
     [
@@ -152,7 +171,7 @@ def test_header_auto_detection_and_explicit_columns(tmp_path):
             "three.tsv",
             "a\tb\tc\nd\te\tf\n",
             {},
-            r"no header row and 3 column\(s\).*--text-column and --label-column",
+            r"three\.tsv: the first row \('a', 'b', 'c'\) names no usual text column.*pass --text-column",
         ),
         ("same.tsv", "ham\thi\nspam\tyo\n", {"text_column": "0", "label_column": "0"}, r"the same column"),
         (

