@@ -220,10 +220,9 @@ def resolve_train_config(config: TrainConfig, family: str, architecture: str | N
     """A copy of `config` with every `None` filled from the architecture's, then the family's defaults."""
     values = asdict(config)
     defaults = {**FAMILY_DEFAULTS[family], **ARCHITECTURE_DEFAULTS.get(architecture or "", {})}
+    # Stopping early keeps the best epoch, not the `patience` worse ones after it.
     if values.get("keep_best") is None and values.get("patience"):
-        values["keep_best"] = (
-            True  # stopping early keeps the best epoch, not the `patience` worse ones after it
-        )
+        values["keep_best"] = True
     for key, value in defaults.items():
         if values.get(key) is None:
             values[key] = value

@@ -43,18 +43,8 @@ OFFLINE_FILE = "data/spam_collection.csv"  # relative to the package; tab-separa
 
 # Column names recognised in a header row, in order of preference.
 LABEL_NAMES = ("label", "labels", "class", "category", "target", "y", "sentiment", "emotion", "intent")
-TEXT_NAMES = (
-    "text",
-    "message",
-    "sms",
-    "sentence",
-    "content",
-    "review",
-    "body",
-    "comment",
-    "tweet",
-    "document",
-)
+TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body", "comment", "tweet",
+              "document")  # fmt: skip
 
 # File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
@@ -396,7 +386,7 @@ def _looks_like_header(first: list[str], text_column: str | None, label_column: 
         return True
     labelled, texty = bool(cells & set(LABEL_NAMES)), bool(cells & set(TEXT_NAMES))
     # Two columns, one of them a usual name (not "y", a common label value): the other is the other field.
-    one_named = len(first) == 2 and bool(cells - {"y"} & set(LABEL_NAMES + TEXT_NAMES))
+    one_named = len(first) == 2 and bool((cells - {"y"}) & set(LABEL_NAMES + TEXT_NAMES))
     return (labelled and texty) or one_named
 
 

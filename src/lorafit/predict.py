@@ -79,8 +79,8 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
 
 
 def prediction_prefix(columns: list[str], labels: list[str]) -> str:
-    """ "" for the added columns `label`, `p_<label>`; "predicted_" (repeated) while one of them would
-    take the name of an input column."""
+    """The added columns' prefix: none (`label`, `p_<label>`), or "predicted_", repeated while one of
+    them would take the name of an input column."""
     prefix, taken = "", set(columns)
     while taken & {f"{prefix}label", *(f"{prefix}p_{label}" for label in labels)}:
         prefix += "predicted_"
