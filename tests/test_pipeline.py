@@ -645,6 +645,25 @@ def test_keep_best_suggests_more_epochs_only_when_the_last_epoch_validated_best(
     assert kept_epoch(state.history, keep_best=False) == 3
 
 
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
+    import io
+
+    from lorafit.train import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, interval in ((io.StringIO(), 30.0), (Terminal(), 0.1)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress_bar(total=3, desc="x")
+        assert bar.mininterval == interval
+        bar.close()
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")  # the user's choice rules
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(total=3).mininterval == 2
+
+
 def test_plots_mark_the_kept_epoch_only_when_it_is_not_the_last(tmp_path):
     import matplotlib
 

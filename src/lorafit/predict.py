@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .allocator import release_free_memory
@@ -24,6 +23,7 @@ from .config import INFERENCE_BATCH_SIZE
 from .data import STDIN, _cell, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
+from .train import progress_bar
 
 OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"}
 
@@ -48,7 +48,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
     columns, key, chunks = read_text_chunks(path, text_column=text_column, header=header, encoding=encoding,
                                             chunk_rows=chunk_rows, fmt=fmt)  # fmt: skip
     main = distributed.is_main()
-    bar = tqdm(
+    bar = progress_bar(
         total=_count_lines(path) if main and str(path) != STDIN else None,
         unit="line",
         desc="predict",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +88,7 @@ def predict_logits(
         [np.asarray(share)[b] for b in sorted_batches([lengths[i] for i in share], batch_size, max_tokens)]
         for share in split_evenly(range(len(rows)), lengths, streams or stream_count(device))
     ]
-    bar = tqdm(total=sum(map(len, share_batches)), desc=desc, leave=False, disable=not progress)
+    bar = progress_bar(total=sum(map(len, share_batches)), desc=desc, leave=False, disable=not progress)
     lock = threading.Lock()
 
     def score(batches: list[np.ndarray]) -> Callable[[], None]:
@@ -379,8 +381,10 @@ def fit(
             state.correct += int((logits.argmax(-1) == targets).sum()) * int(weight)
             state.seen += len(rows) * int(weight)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / len(rows):.4f}", acc=f"{state.correct / max(state.seen, 1):.2%}"
+            bar.set_postfix(  # drawn with the bar's next redraw (at most every `mininterval`), not now
+                loss=f"{loss_sum / len(rows):.4f}",
+                acc=f"{state.correct / max(state.seen, 1):.2%}",
+                refresh=False,
             )
             if index % config.log_every == 0:
                 batch_mean = distributed.global_sum(loss_sum, device) / len(batch)  # the global batch's
@@ -407,8 +411,18 @@ def _printer(print_fn):
     return print_fn or tqdm.write  # above the progress bar, not through it
 
 
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar. Where stderr is a file or a pipe (`lorafit train > log 2>&1`, not a terminal or a
+    notebook) it redraws every 30 s instead of ten times a second, so the log stays readable. tqdm's
+    own variables rule where set (`TQDM_MININTERVAL=1`, `TQDM_DISABLE=1`)."""
+    notebook = any(c.__name__ == "tqdm_notebook" for c in tqdm.__mro__)
+    if not notebook and not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ:
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(**kwargs)
+
+
 def _progress(total: int, state: TrainState, config: TrainConfig):
-    return tqdm(total=total, initial=state.batch, desc=f"Epoch {state.epoch}/{config.epochs}", unit="batch",
+    return progress_bar(total=total, initial=state.batch, desc=f"Epoch {state.epoch}/{config.epochs}", unit="batch",
                 leave=False, disable=not distributed.is_main())  # fmt: skip
 
 
