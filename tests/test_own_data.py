@@ -220,6 +220,29 @@ def trained(tiny_gpt2_dir, files, tmp_path, capsys):
     return out
 
 
+def test_eval_lists_the_most_confident_mistakes(trained, files, capsys):
+    code, out, _ = run_main(["eval", "--run", trained, "--errors", "4", "--json"], capsys)
+    assert code == 0
+    results = json.loads(out)
+    classifier = load_classifier(trained, device="cpu")
+    objects = [json.loads(line) for line in files["test"].read_text().splitlines()]
+    for name, m in results.items():
+        wrong = m["count"] - sum(m["confusion_matrix"][i][i] for i in range(len(m["confusion_matrix"])))
+        assert wrong > 0 and len(m["errors"]) == min(4, wrong), name  # a 1-epoch tiny model errs
+        assert [e["probability"] for e in m["errors"]] == sorted(
+            (e["probability"] for e in m["errors"]), reverse=True
+        )
+        for e, again in zip(m["errors"], classifier.predict([e["text"] for e in m["errors"]])):
+            assert e["predicted"] != e["label"] and e["predicted"] == again["label"]
+            assert e["probability"] == pytest.approx(again["probabilities"][e["predicted"]], abs=1e-4)
+            if name == "test":  # the line of test.jsonl it came from
+                assert objects[e["line"] - 1] == {"label": e["label"], "text": e["text"]}
+    code, out, _ = run_main(["eval", "--run", trained, "--errors", "2"], capsys)
+    assert code == 0 and "test: the 2 most confident mistakes (line, label -> predicted, p, text)" in out
+    code, _, err = run_main(["eval", "--run", trained, "--errors", "-1"], capsys)
+    assert code == 2 and "--errors must be 0 (none) or a number of rows, got -1" in err
+
+
 def write_inputs(path, n):
     rows = six_class_rows(n, 7)
     with open(path, "w", newline="", encoding="utf-8") as f:

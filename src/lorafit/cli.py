@@ -274,8 +274,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .run import evaluate_run
 
     set_runtime_options(args)
+    if args.errors < 0:
+        raise LorafitError(f"--errors must be 0 (none) or a number of rows, got {args.errors}")
     data = data_options_from(args) if args.data else None
-    results = evaluate_run(args.run, data, device=args.device, log=lambda m: print(m, file=sys.stderr))
+    results = evaluate_run(args.run, data, device=args.device, log=lambda m: print(m, file=sys.stderr),
+                           errors=args.errors)  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -285,6 +288,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{name}: accuracy {m['accuracy']:.2%} ({m['count']:,} rows) | macro-F1 {m['macro_f1']:.3f} | "
               f"weighted-F1 {m['weighted_f1']:.3f} | loss {m['loss']:.4f}")  # fmt: skip
         print(format_report(m) + "\n")
+        if args.errors:
+            print(
+                f"{name}: the {len(m['errors'])} most confident mistakes (line, label -> predicted, p, text)"
+            )
+            for e in m["errors"]:
+                text = e["text"] if len(e["text"]) <= 100 else e["text"][:99] + "…"
+                print(f"  line {e['line']}\t{e['label']} -> {e['predicted']}\t{e['probability']:.3f}\t{text}")
+            print()
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -518,6 +529,8 @@ def _eval_parser(sub) -> None:
     add_data_options(p, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--errors", type=int, default=0, metavar="N",
+                   help="also list each split's N most confident mistakes (file line, label, prediction, text)")  # fmt: skip
     add_streams_option(p)
     add_malloc_option(p)
     p.set_defaults(func=cmd_eval)

@@ -657,10 +657,15 @@ def load_classifier(
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike, data: DataOptions | None = None, device: str = "auto", log=print
+    run_dir: str | os.PathLike,
+    data: DataOptions | None = None,
+    device: str = "auto",
+    log=print,
+    errors: int = 0,
 ) -> dict:
     """Metrics of a run's classifier: on its own train / val / test splits (rebuilt from its config), or on
-    every row of `data` when given."""
+    every row of `data` when given. With `errors` > 0 each split's metrics also hold, under "errors", its
+    most confident mistakes (at most that many): file line, text, label, predicted label, probability."""
     config = read_run_config(run_dir)
     classifier = load_classifier(run_dir, device=device)
     names = classifier.labels
@@ -689,4 +694,21 @@ def evaluate_run(
         texts = [dataset.texts[i] for i in idx]
         logits = classifier.logits(texts, progress=True)
         results[name] = metrics_from_logits(logits, [class_of[dataset.labels[i]] for i in idx], names)
+        if errors > 0:
+            rows = [(dataset.lines[i], dataset.texts[i], dataset.labels[i]) for i in idx]
+            results[name]["errors"] = confident_mistakes(logits, rows, names, errors)
     return results
+
+
+def confident_mistakes(logits: torch.Tensor, rows: list[tuple], names: list[str], limit: int) -> list[dict]:
+    """The wrongly predicted `(line, text, label)` rows, the most confident first (at most `limit`): where
+    to look for label noise or a class the model confuses."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    best, predicted = probabilities.max(dim=-1)
+    wrong = [i for i, (_, _, label) in enumerate(rows) if names[int(predicted[i])] != label]
+    wrong.sort(key=lambda i: -float(best[i]))
+    return [
+        {"line": rows[i][0], "text": rows[i][1], "label": rows[i][2], "predicted": names[int(predicted[i])],
+         "probability": float(best[i])}
+        for i in wrong[:limit]
+    ]  # fmt: skip
