@@ -74,6 +74,10 @@ def test_split_files_are_the_splits_and_the_report_is_per_class(tiny_gpt2_dir, f
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["train"]["count"], metrics["val"]["count"], metrics["test"]["count"]) == files["sizes"]
     assert "train / val / test 180 / 36 / 42" in printed
+    from collections import Counter
+
+    counts = Counter(label for label, _ in six_class_rows(180, 1))  # the training file's classes
+    assert "classes (training rows): " + ", ".join(f"{c} {counts[c]}" for c in sorted(CLASSES)) in printed
     for split in ("train", "val", "test"):
         m = metrics[split]
         f1 = [c["f1"] for c in m["per_class"].values()]

@@ -7,6 +7,7 @@ A run directory holds `config.json` (everything needed to rebuild the model), `a
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -313,6 +314,8 @@ def prepare_data(options: RunOptions, setup: RunSetup) -> RunData:
 def _data_line(options: DataOptions, source: Splits, names: list[str], seed: int) -> str:
     dataset = source.dataset
     skipped = f" ({dataset.skipped} skipped)" if dataset.skipped else ""
+    counts = collections.Counter(dataset.labels[i] for i in source.train)
+    classes = "classes (training rows): " + ", ".join(f"{name} {counts[name]:,}" for name in names)
     sizes = f"{len(source.train):,} / {len(source.val):,} / {len(source.test):,}"
     if options.split_files():
         how = (
@@ -321,10 +324,9 @@ def _data_line(options: DataOptions, source: Splits, names: list[str], seed: int
             else f"validation: {options.val_fraction or 0.1:g} of the training file, stratified (seed {seed})"
         )
         test = "test: --test-data" if options.test_source else "no test split (no --test-data)"
-        return f"Data: {dataset.source}: train / val / test {sizes}{skipped} ({how}; {test}); classes: {', '.join(names)}"
+        return f"Data: {dataset.source}: train / val / test {sizes}{skipped} ({how}; {test}); {classes}"
     balanced = " after balancing" if options.resolved_balance() else ""
-    return (f"Data: {dataset.source}: {len(dataset.texts):,} rows{skipped}; split {sizes}{balanced} (seed {seed}); "
-            f"classes: {', '.join(names)}")  # fmt: skip
+    return f"Data: {dataset.source}: {len(dataset.texts):,} rows{skipped}; split {sizes}{balanced} (seed {seed}); {classes}"
 
 
 def resolve_class_weights(spec: str | None, data: RunData) -> list[float] | None:
