@@ -191,7 +191,8 @@ def test_class_weights_are_resolved_recorded_and_weigh_the_loss(tiny_gpt2_dir, f
     n = sum(c["support"] for c in counts.values())
     expected = [n / (6 * counts[name]["support"]) for name in sorted(CLASSES)]
     assert config["train"]["class_weights"] == pytest.approx(expected)
-    assert "class weights: " in capsys.readouterr().out
+    shown = ", ".join(f"{name} {w:.3g}" for name, w in zip(sorted(CLASSES), expected))
+    assert f"class weights: {shown}" in capsys.readouterr().out
 
     from lorafit.config import TrainConfig
     from lorafit.train import batch_loss

@@ -381,7 +381,7 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
     if config.precision == "auto" and setup.precision == "fp32" and setup.device.type == "cpu":
         why = f" ({cpu_bf16_verdict()[1]})"
     weights = (
-        f" | class weights: {', '.join(f'{w:.3g}' for w in config.class_weights)}"
+        f" | class weights: {', '.join(f'{n} {w:.3g}' for n, w in zip(data.names, config.class_weights))}"
         if config.class_weights
         else ""
     )
