@@ -422,8 +422,8 @@ def progress_bar(**kwargs) -> tqdm:
 
 
 def _progress(total: int, state: TrainState, config: TrainConfig):
-    return progress_bar(total=total, initial=state.batch, desc=f"Epoch {state.epoch}/{config.epochs}", unit="batch",
-                leave=False, disable=not distributed.is_main())  # fmt: skip
+    return progress_bar(total=total, initial=state.batch, desc=f"Epoch {state.epoch}/{config.epochs}",
+                        unit="batch", leave=False, disable=not distributed.is_main())  # fmt: skip
 
 
 def _optimizer_step(state: TrainState, config: TrainConfig) -> None:
@@ -466,12 +466,12 @@ def _end_epoch(model, state: TrainState, val: Split, label_names, config: TrainC
     if config.keep_best and result["loss"] < state.best_loss:
         state.best_loss = result["loss"]
         state.best_state = {name: p.detach().clone() for name, p in state.named}
-    stopping = state.epoch < config.epochs and patience_ran_out(state.history, config.patience)
-    if stopping:
+    last = state.epoch >= config.epochs or patience_ran_out(state.history, config.patience)
+    if last and state.epoch < config.epochs:
         best = kept_epoch(state.history, keep_best=True)
         print_fn(f"Stopping early: the validation loss has not fallen below epoch {best}'s for "
                  f"{config.patience} epoch{'s' if config.patience > 1 else ''} (--patience)")  # fmt: skip
-    if state.ema and state.epoch < config.epochs and not stopping:
+    if state.ema and not last:
         state.ema.swap()  # back to the raw weights to train on; after the last epoch the average stays
     state.start_epoch(state.epoch + 1)
 
