@@ -2,8 +2,9 @@
 
 speed.py and profile_step.py count a row's "% of peak" against a 1024² matmul. This prints, for each of the
 model's four projection shapes at a few row counts (246: a packed training batch of 8 SMS; 4,096: an
-inference batch at the token cap), the rate of MKL's product (`F.linear`, what lorafit runs) and of
-oneDNN's (`torch.utils.mkldnn` linear), each as a fraction of a 1024² rate measured just before it, with
+inference batch at the token cap), the rate of MKL's product (`F.linear`, what lorafit runs), of
+oneDNN's (`torch.utils.mkldnn` linear) and, in fp32, of OpenBLAS's (numpy's `x @ W.T`, on its own
+threads: `OPENBLAS_NUM_THREADS`; see openblas_step.py for why lorafit does not use it), each as a fraction of a 1024² rate measured just before it, with
 the weights warm in cache (best of `--repeats` timings each). The 1024² rate is `speed.matmul_peak`'s, the
 one speed.py, profile_step.py and step_overhead.py divide by.
 
@@ -42,7 +43,7 @@ def best_seconds(fn: Callable[[], object], calls: int, repeats: int) -> float:
 
 
 def shape_rates(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, calls: int, repeats: int) -> dict:
-    """GFLOP/s of `rows` × fan_in inputs through a fan_in → fan_out linear: MKL and oneDNN."""
+    """GFLOP/s of `rows` × fan_in inputs through a fan_in → fan_out linear: MKL, oneDNN, OpenBLAS (fp32)."""
     x = torch.randn(rows, fan_in, dtype=dtype)
     linear = torch.nn.Linear(fan_in, fan_out).to(dtype).eval()
     flop = 2 * rows * fan_in * fan_out
@@ -58,6 +59,9 @@ def shape_rates(rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, calls:
         rates["onednn"] = flop / best_seconds(lambda: onednn(x), calls, repeats) / 1e9
     except (RuntimeError, AttributeError, TypeError) as e:  # builds without oneDNN, or dtypes it refuses
         print(f"oneDNN linear unavailable at {rows} x {fan_in} x {fan_out}: {e}")
+    if dtype == torch.float32:
+        x_np, weight_np = x.numpy(), linear.weight.detach().numpy()
+        rates["openblas"] = flop / best_seconds(lambda: x_np @ weight_np.T, calls, repeats) / 1e9
     return rates
 
 
@@ -78,16 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.precision}, {args.threads} threads, torch {torch.__version__}; each shape against a 1024² "
           "product timed just before it (a shared VM's speed moves between minutes)")  # fmt: skip
     print(
-        "| rows × in × out | 1024² GFLOP/s | MKL GFLOP/s | MKL % of 1024² | oneDNN GFLOP/s | oneDNN % of 1024² |"
+        "| rows × in × out | 1024² GFLOP/s | MKL GFLOP/s | MKL % of 1024² | oneDNN GFLOP/s | oneDNN % of 1024² "
+        "| OpenBLAS GFLOP/s | OpenBLAS % of 1024² |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
             for fan_in, fan_out in SHAPES:
                 peak = matmul_peak(args.threads, PEAK_BUDGET_S, (args.precision,))[args.precision]
                 rates = shape_rates(rows, fan_in, fan_out, dtype, args.calls, args.repeats)
                 cells = [f"{rates[k]:.0f} | {100 * rates[k] / peak:.0f}%" if k in rates else "– | –"
-                         for k in ("mkl", "onednn")]  # fmt: skip
+                         for k in ("mkl", "onednn", "openblas")]  # fmt: skip
                 print(f"| {rows} × {fan_in} × {fan_out} | {peak:.0f} | {' | '.join(cells)} |", flush=True)
 
 
