@@ -67,6 +67,94 @@ def test_csv_with_quoted_multiline_field(tmp_path):
     assert ds.labels == ["spam", "ham", "ham"]
 
 
+def test_csv_delimiter_is_the_one_that_cuts_rows_evenly(tmp_path):
+    # A spreadsheet saved where ',' is the decimal mark: ';', with a BOM, CRLF and a quoted multi-line text.
+    excel = '\ufeffreview;sentiment\r\n"good, really good";pos\r\nbad;neg\r\n"line one\r\nline two";pos\r\n'
+    ds = read_table(write(tmp_path / "excel.csv", excel))
+    assert ds.texts == ["good, really good", "bad", "line one\r\nline two"] and ds.labels == [
+        "pos",
+        "neg",
+        "pos",
+    ]
+    assert ds.lines == [2, 3, 4]
+    ds = read_table(
+        write(tmp_path / "tabs.csv", "text\tlabel\ngood, fine\tpos\nbad\tneg\n")
+    )  # a .tsv named .csv
+    assert ds.texts == ["good, fine", "bad"]
+    # "," wins when it cuts the rows as evenly, even with more ";" in them.
+    ds = read_table(write(tmp_path / "c.csv", "label,text\nspam,Free; call; now\nham,a;b\n"))
+    assert ds.texts == ["Free; call; now", "a;b"]
+    assert data.csv_delimiter(["a;b\n", '"unfinished\n']) == ";"  # a quoted cell cut off by the sample
+    assert data.csv_delimiter(["one text\n", "another\n"]) == ","  # one column: the default
+
+
+def test_csv_row_with_more_cells_than_the_first_is_refused(tmp_path):
+    # Read on, the comma in the text would shift "loved it" into the label column.
+    path = write(tmp_path / "d.csv", "text,label\ngreat product,pos\ngreat, loved it,pos\nbad,neg\n")
+    with pytest.raises(LorafitError, match=r"d\.csv: line 3: 3 cells, but the first row has 2; a text holding a "
+                                           r"comma needs double quotes around it"):  # fmt: skip
+        read_table(path)
+    path = write(tmp_path / "e.csv", "text;label\ngood;pos\ngood; loved it;pos\n")
+    with pytest.raises(LorafitError, match=r"line 3: .*a text holding a semicolon"):
+        read_table(path)
+    fewer = read_table(write(tmp_path / "f.csv", "text,label\ngood,pos\nno label\nbad,neg\n"))
+    assert fewer.texts == ["good", "bad"] and fewer.skipped == 1  # a short row: a missing label, skipped
+
+
+def test_json_is_an_array_of_objects_or_json_lines(tmp_path):
+    rows = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0, "id": 7}]
+    pretty = json.dumps(rows, indent=2)  # objects start on lines 2 and 6
+    ds = read_table(write(tmp_path / "a.json", "\n" + pretty + "\n"))
+    assert ds.texts == ["good film", "bad film"] and ds.labels == ["1", "0"] and ds.lines == [3, 7]
+    compact = read_table(write(tmp_path / "b.json", json.dumps(rows)))
+    assert compact.texts == ds.texts and compact.lines == [1, 1]
+    # Hugging Face datasets' to_json writes JSON lines under a .json name.
+    lines = read_table(write(tmp_path / "c.json", "\n".join(json.dumps(r) for r in rows) + "\n"))
+    assert lines.texts == ds.texts and lines.lines == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"text": "a", "label": "x"},\n {"text": oops}]', r"line 2: invalid JSON \(Expecting value\)"),
+        ('[{"text": "a", "label": "x"},\n [1]]', r"line 2: expected a JSON object, got list"),
+        ('[{"text": "a", "label": "x"}\n{"text": "b"}]', r"line 2: invalid JSON \(',' or '\]' expected"),
+        ('[{"text": "a", "label": "x"},]', r"line 1: invalid JSON"),
+        ('[{"text": "a", "label": "x"}]\n\n[]', r"line 3: invalid JSON \(more after the array's closing"),
+        ("[ ]", r"an empty array, no rows"),
+        ("[" * 100_000, r"line 1: invalid JSON"),
+        ('{\n  "data": [{"text": "a"}],\n  "version": 2\n}', r"one JSON object \(keys 'data', 'version'\)"),
+    ],
+)
+def test_bad_json_is_one_line_naming_the_line(tmp_path, content, message):
+    with pytest.raises(LorafitError, match=r"d\.json: " + message) as info:
+        read_table(write(tmp_path / "d.json", content))
+    assert "\n" not in str(info.value)
+
+
+def test_streamed_json_and_semicolon_csv(tmp_path):
+    from lorafit.data import read_text_chunks
+
+    rows = [{"id": i, "comment": f"text {i}"} for i in range(5)]
+    for name, content in [
+        ("a.json", json.dumps(rows, indent=1)),
+        ("b.json", "\n".join(map(json.dumps, rows))),
+    ]:
+        columns, key, chunks = read_text_chunks(write(tmp_path / name, content), chunk_rows=2)
+        assert columns == ["id", "comment"] and key == "comment"
+        assert [row["comment"] for chunk in chunks for _, row in chunk] == [r["comment"] for r in rows]
+    path = write(tmp_path / "c.csv", "id;comment\n1;hello, world\n2;bye\n")
+    columns, key, chunks = read_text_chunks(path)
+    assert columns == ["id", "comment"] and [row for chunk in chunks for row in chunk] == [
+        (2, ["1", "hello, world"]), (3, ["2", "bye"])]  # fmt: skip
+
+
+def test_look_alike_labels():
+    assert data.look_alike_labels(["spam", "Spam", "ham", "no  spam", "No spam", "ham"]) == [
+        ["No spam", "no  spam"], ["Spam", "spam"]]  # fmt: skip
+    assert data.look_alike_labels(["a", "b"]) == []
+
+
 def test_jsonl(tmp_path):
     rows = [
         {"text": "good film", "label": 1},
@@ -196,7 +284,12 @@ def test_a_two_column_header_with_one_usual_name(tmp_path):
             r"line 2: expected a JSON object, got list",
         ),
         ("deep.jsonl", "[" * 100_000, {}, r"line 1: invalid JSON"),
-        ("t.xlsx", "whatever", {}, r"unsupported file type '\.xlsx'"),
+        (
+            "t.xlsx",
+            "whatever",
+            {},
+            r"unsupported file type '\.xlsx' \(use \.csv, \.tsv, \.txt, \.jsonl or \.json\)",
+        ),
         ("q.csv", 'label,text\nham,"never closed\n', {}, r"q\.csv: line 2: bad CSV"),
         ("q2.csv", 'label,text\nham,ok\nham,"quoted"junk\nspam,c\n', {}, r"q2\.csv: line 3: bad CSV"),
     ],
@@ -262,7 +355,7 @@ def test_nul_bytes_are_data_not_a_crash(tmp_path):
 FUZZ_ALPHABET = st.sampled_from(list('ab\t\n\r,"{}[]:0 \x00\ufeff') + ['"text"', '"label"', "label", "text"])
 
 
-@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ""])
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".json", ""])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     blob=st.one_of(

@@ -152,6 +152,11 @@ def test_without_dev_a_stratified_fraction_validates_and_without_test_there_is_n
         ),
         (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
         (["--test-data", "{bad}"], "bad.tsv: line 3: label 'boredom' does not occur in the training file"),
+        (
+            ["--test-data", "{case}"],
+            "case.tsv: line 2: label 'Joy' does not occur in the training file",  # then the labels, and:
+        ),
+        (["--test-data", "{case}"], "; 'joy' differs only in letter case or spaces)"),
         (["--class-weights", "joy=2,grumpy=1"], "--class-weights: no class 'grumpy' (classes: anger, fear"),
         (["--class-weights", "joy=-1"], "--class-weights: the weight of joy must be a positive number"),
         (["--class-weights", "heavy"], "--class-weights: expected balanced or NAME=WEIGHT"),
@@ -160,12 +165,26 @@ def test_without_dev_a_stratified_fraction_validates_and_without_test_there_is_n
 def test_split_file_mistakes_are_one_line(tiny_gpt2_dir, files, tmp_path, capsys, extra, fragment):
     bad = tmp_path / "bad.tsv"
     bad.write_text("label\ttext\njoy\thappy day\nboredom\tnothing to do\n", encoding="utf-8")
-    extra = [x.format(dev=files["dev"], test=files["test"], bad=bad) for x in extra]
+    case = tmp_path / "case.tsv"
+    case.write_text("label\ttext\nJoy\thappy day\n", encoding="utf-8")
+    extra = [x.format(dev=files["dev"], test=files["test"], bad=bad, case=case) for x in extra]
     code, _, err = run_main(
         train_args(tiny_gpt2_dir, tmp_path / "run", "--data", files["train"], *extra), capsys
     )
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_look_alike_labels_train_as_classes_of_their_own_with_a_warning(
+    tiny_gpt2_dir, files, tmp_path, capsys
+):
+    train = tmp_path / "train.tsv"
+    train.write_text(files["train"].read_text(encoding="utf-8") + "Joy\thappy happy day\n", encoding="utf-8")
+    main(train_args(tiny_gpt2_dir, tmp_path / "run", "--epochs", "1", "--data", train))
+    printed = capsys.readouterr().out
+    assert ("Warning: the labels 'Joy' and 'joy' differ only in letter case or spaces, so they are trained as "
+            "different classes") in printed  # fmt: skip
+    assert {"Joy", "joy"} <= set(json.loads((tmp_path / "run" / "labels.json").read_text()))
 
 
 def test_eval_refuses_data_files_that_changed(tiny_gpt2_dir, files, tmp_path, capsys):
@@ -286,6 +305,14 @@ def test_predict_a_file_to_a_file_keeps_columns_and_order(trained, tmp_path, cap
     with open(whole, newline="", encoding="utf-8") as f:
         whole_rows = list(csv.DictReader(f))
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    array = tmp_path / "predictions.json"  # one JSON array, whatever the chunks
+    assert predict_file(classifier, str(source), str(array), text_column="comment", chunk_rows=7) == 300
+    assert json.loads(array.read_text()) == lines
+    assert (
+        predict_file(classifier, str(array), str(tmp_path / "again.json"), chunk_rows=7) == 300
+    )  # reads it too
+    assert [x["predicted_label"] for x in json.loads((tmp_path / "again.json").read_text())] == [
+        x["label"] for x in lines]  # fmt: skip
     assert [x["label"] for x in lines] == [r["label"] for r in whole_rows]
     assert [x["id"] for x in lines] == [r["id"] for r in whole_rows]
     for line, row in zip(lines, whole_rows):

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import urllib.parse
@@ -48,7 +49,14 @@ TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body",
 
 # File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
-FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+# .json: JSON lines (what Hugging Face datasets' `to_json` writes) or one array of objects.
+FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json"
+# A .csv's delimiter, in order of preference: what spreadsheets write (';' where ',' is the decimal mark),
+# and a tab for a tab-separated file saved as .csv. The one that cuts the first rows evenly wins.
+CSV_DELIMITERS = (",", ";", "\t")
+CSV_SAMPLE_ROWS = 20
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 STDIN = "-"  # the path that means standard input, as in Unix tools
 
 
@@ -219,7 +227,7 @@ def read_table(
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl)")
+        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use {SUPPORTED})")
     text = _read_text(path, encoding)
     return _parse_text(
         text,
@@ -267,7 +275,10 @@ def _parse_text(
     strict: bool = False,
 ) -> TextDataset:
     """Turn decoded file contents into a TextDataset; `source` names the file in errors."""
-    rows = _jsonl_rows(text, source) if fmt == "jsonl" else _split_rows(text, fmt, source)
+    if fmt in ("json", "jsonl"):
+        rows, fmt = (_json_rows if fmt == "json" else _jsonl_rows)(text, source), "jsonl"
+    else:
+        rows = _split_rows(text, fmt, source)
     if not rows:
         raise LorafitError(f"{source}: no rows")
 
@@ -336,18 +347,120 @@ def _split_rows(text: str, fmt: str, source: str) -> list[tuple[int, list[str]]]
             rows.append((i, line.split("\t", n_cols - 1)))
         return rows
 
-    rows = []
+    lines = io.StringIO(text, newline="").readlines()
+    return list(_csv_rows(lines, csv_delimiter(lines[: CSV_SAMPLE_ROWS * 4]), source))
+
+
+def csv_delimiter(lines: list[str]) -> str:
+    """The delimiter (of `CSV_DELIMITERS`) that cuts the first row into two cells or more and the most of
+    the rows starting in `lines` into as many, first come first on a tie; ',' when none cuts the first row.
+    A row cut off at the end of `lines` counts for nothing."""
+    best, most = ",", 0
+    for delimiter in CSV_DELIMITERS:
+        reader = csv.reader(lines, delimiter=delimiter, strict=True)
+        counts = []
+        try:
+            for cells in itertools.islice(reader, CSV_SAMPLE_ROWS):
+                if cells:
+                    counts.append(len(cells))
+        except csv.Error:
+            if reader.line_num < len(lines):  # not merely a quoted field running past the sample
+                continue
+        if counts and counts[0] >= 2 and counts.count(counts[0]) > most:
+            best, most = delimiter, counts.count(counts[0])
+    return best
+
+
+def _csv_rows(lines: Iterator[str], delimiter: str, source: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line, cells) per non-blank CSV row. Refuses a row with more cells than the first one: its
+    text held an unquoted delimiter, and reading on would shift a piece of it into the label."""
     # strict: an unclosed quote is an error, not a field that silently swallows the rest of the file.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    start = 1
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    start, width = 1, 0
     try:
         for cells in reader:
             if cells:  # csv yields [] for a blank line
-                rows.append((start, cells))
+                width = width or len(cells)
+                if len(cells) > width:
+                    raise LorafitError(
+                        f"{source}: line {start}: {len(cells)} cells, but the first row has {width}; a text"
+                        f" holding {_delimiter_name(delimiter)} needs double quotes around it"
+                    )
+                yield start, cells
             start = reader.line_num + 1
     except csv.Error as e:
         raise LorafitError(f"{source}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return {"\t": "a tab", ",": "a comma", ";": "a semicolon"}[delimiter]
+
+
+def _json_rows(text: str, source: str) -> list[tuple[int, dict]]:
+    """(1-based line, object) for each object of a .json file: one array of objects, or JSON lines."""
+    start = _JSON_SPACE.match(text).end()
+    if not text.startswith("[", start):
+        if text.startswith("{", start):
+            _refuse_one_object(text, source)
+        return _jsonl_rows(text, source)
+    decoder, rows, at = json.JSONDecoder(), [], start + 1
+    seen, seen_line = 0, 1  # a position and its line, moved forward as the array is read
+
+    def line_of(position: int) -> int:
+        nonlocal seen, seen_line
+        seen, seen_line = position, seen_line + text.count("\n", seen, position)
+        return seen_line
+
+    while True:
+        at = _JSON_SPACE.match(text, at).end()
+        if not rows and text.startswith("]", at):
+            at += 1
+            break
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise LorafitError(f"{source}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:  # absurdly deep nesting overflows the parser
+            raise LorafitError(f"{source}: line {line_of(at)}: invalid JSON (nested too deeply)") from None
+        if not isinstance(obj, dict):
+            raise LorafitError(
+                f"{source}: line {line_of(at)}: expected a JSON object, got {type(obj).__name__}"
+            )
+        rows.append((line_of(at), obj))
+        at = _JSON_SPACE.match(text, end).end()
+        if text.startswith(",", at):
+            at += 1
+        elif text.startswith("]", at):
+            at += 1
+            break
+        else:
+            raise LorafitError(
+                f"{source}: line {line_of(at)}: invalid JSON (',' or ']' expected after an object)"
+            )
+    at = _JSON_SPACE.match(text, at).end()
+    if at < len(text):
+        raise LorafitError(f"{source}: line {line_of(at)}: invalid JSON (more after the array's closing ']')")
+    if not rows:
+        raise LorafitError(f"{source}: an empty array, no rows")
     return rows
+
+
+def _refuse_one_object(text: str, source: str) -> None:
+    """A pretty-printed single object (not JSON lines) gets an error that says so, not 'line 1: invalid'."""
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        json.loads(first)
+        return  # JSON lines
+    except (ValueError, RecursionError):
+        pass
+    try:
+        whole = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # broken: the JSON-lines reader names the line
+    if isinstance(whole, dict):
+        keys = ", ".join(repr(k) for k in list(whole)[:12])
+        raise LorafitError(f"{source}: one JSON object (keys {keys}); lorafit reads an array of objects or"
+                           " one object per line (JSON lines), one row each")  # fmt: skip
 
 
 def _jsonl_rows(text: str, source: str) -> list[tuple[int, dict]]:
@@ -446,7 +559,7 @@ def read_text_chunks(
     """Stream a file to classify, without reading it whole: `(columns, text_key, chunks)`.
 
     The formats are `read_table`'s; no label column is needed. `path` "-" is standard input. `fmt`
-    ("tsv", "csv" or "jsonl") overrides the format the suffix implies (standard input: "tsv", one text
+    ("tsv", "csv", "jsonl" or "json") overrides the format the suffix implies (standard input: "tsv", one text
     per line). `columns` are the header's names (for a headerless table `column_0`, `column_1`, ...),
     `text_key` the text column (an index, or a key for .jsonl), and `chunks` yields lists of up to
     `chunk_rows` `(line, cells or object)` rows."""
@@ -454,18 +567,16 @@ def read_text_chunks(
     if fmt is None:
         fmt = "tsv" if str(path) == STDIN else FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise LorafitError(
-            f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .txt or .jsonl, or --format)"
-        )
+        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use {SUPPORTED}, or --format)")
     if fmt not in FORMATS.values():
-        raise LorafitError(f"unknown format {fmt!r} (use tsv, csv or jsonl)")
+        raise LorafitError(f"unknown format {fmt!r} (use tsv, csv, jsonl or json)")
     rows = _stream_rows(path, fmt, encoding)
     path = _source_name(path)
     try:
         first_line, first = next(rows)
     except StopIteration:
         raise LorafitError(f"{path}: the file is empty") from None
-    if fmt == "jsonl":
+    if isinstance(first, dict):  # jsonl, or json
         columns = list(first)
         keys = [k.lower() for k in columns]
         asked = (text_column or "").strip().lower()
@@ -523,19 +634,24 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
                                        "Latin-1, pass --encoding latin-1") from None  # fmt: skip
                 yield line.removeprefix("\ufeff") if number == 1 else line
 
+    lines = decoded()
     if fmt == "csv":
-        reader = csv.reader(decoded(), strict=True)
-        start = 1
-        try:
-            for cells in reader:
-                if cells:
-                    yield start, cells
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise LorafitError(f"{name}: line {start}: bad CSV ({e}; an unbalanced quote?)") from None
+        # A file's first rows are there to look at; a pipe's header is all predict may wait for.
+        sample = list(itertools.islice(lines, 1 if handle is sys.stdin.buffer else CSV_SAMPLE_ROWS * 4))
+        yield from _csv_rows(itertools.chain(sample, lines), csv_delimiter(sample), name)
         return
+    if fmt == "json":
+        head = []  # up to the first non-blank line, which says array or JSON lines
+        for line in lines:
+            head.append(line)
+            if line.strip():
+                break
+        if head and head[-1].lstrip().startswith("["):  # an array is read whole: no line-sized pieces
+            yield from _json_rows("".join(head) + "".join(lines), name)
+            return
+        lines, fmt = itertools.chain(head, lines), "jsonl"
     n_cols = 0
-    for number, line in enumerate(decoded(), start=1):
+    for number, line in enumerate(lines, start=1):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
@@ -554,6 +670,19 @@ def _chunks(rows: Iterator, size: int) -> Iterator[list]:
 def label_names(labels: list[str]) -> list[str]:
     """The class names, sorted; a label's class id is its position in this list."""
     return sorted(set(labels))
+
+
+def _label_key(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def look_alike_labels(labels: list[str]) -> list[list[str]]:
+    """Groups of label names that differ only in letter case or inner spaces ('Spam', 'spam'): classes of
+    their own to lorafit, and rarely meant to be."""
+    groups: dict[str, list[str]] = {}
+    for name in label_names(labels):
+        groups.setdefault(_label_key(name), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def balance_classes(labels: list[str], seed: int) -> list[int]:
@@ -696,8 +825,10 @@ def _load_split_files(options, seed: int, log) -> Splits:
     for part in read.values():
         for label, line in zip(part.labels, part.lines):
             if label not in known:
+                alike = [k for k in label_names(train.labels) if _label_key(k) == _label_key(label)]
+                hint = f"; {alike[0]!r} differs only in letter case or spaces" if alike else ""
                 raise LorafitError(f"{part.source}: line {line}: label {label!r} does not occur in the training file "
-                                   f"{train.source} (its labels: {', '.join(label_names(train.labels))})")  # fmt: skip
+                                   f"{train.source} (its labels: {', '.join(label_names(train.labels))}{hint})")  # fmt: skip
     texts, labels, lines = list(train.texts), list(train.labels), list(train.lines)
     n = len(texts)
     train_rows = list(range(n))

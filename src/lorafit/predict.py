@@ -25,7 +25,8 @@ from .errors import LorafitError
 from .io import atomic_path
 from .train import progress_bar
 
-OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl"}
+# .json: one array of objects, the form every JSON reader takes (.jsonl: one object per line).
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json"}
 
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
@@ -43,7 +44,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
         out_fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
         if out_fmt is None:
             raise LorafitError(
-                f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv or .jsonl)"
+                f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv, .jsonl or .json)"
             )
     columns, key, chunks = read_text_chunks(path, text_column=text_column, header=header, encoding=encoding,
                                             chunk_rows=chunk_rows, fmt=fmt)  # fmt: skip
@@ -72,6 +73,8 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                 else:
                     _print_row(_cell(row, key), labels[best], dict(zip(labels, p)), as_json)
             bar.update(chunk[-1][0] - bar.n)  # to the chunk's last line
+        if sink is not None and out_fmt == "json":
+            sink.write("\n]\n" if rows else "]\n")  # the array's end, before the file is renamed into place
     bar.close()
     if out is not None and main and log is not None:
         log(f"Wrote {rows:,} rows with {prefix}label and {prefix}p_<label> columns to {out}")
@@ -139,11 +142,15 @@ def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[st
     """A function writing one input row (cells or object) with its label and probabilities, in columns
     named `prefix` + "label" and `prefix` + "p_<label>"."""
     added = [f"{prefix}label", *(f"{prefix}p_{label}" for label in labels)]
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "json"):
+        separators = iter(["\n"]) if fmt == "json" else None
+        if separators is not None:
+            handle.write("[")  # predict_file writes the closing "]"
 
         def write_json(row, label, p):
             values = row if isinstance(row, dict) else dict(zip(columns, row))
-            handle.write(json.dumps({**values, **dict(zip(added, [label, *p]))}) + "\n")
+            line = json.dumps({**values, **dict(zip(added, [label, *p]))})
+            handle.write(line + "\n" if separators is None else next(separators, ",\n") + line)
 
         return write_json
     table = csv.writer(handle, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n",

@@ -40,7 +40,7 @@ from .config import (
     config_from_dict,
     resolve_train_config,
 )
-from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits
+from .data import Splits, TextDataset, check_files, label_names, load_dataset, load_splits, look_alike_labels
 from .devices import (
     cap_kernel_cache,
     cast_for_inference,
@@ -286,6 +286,9 @@ def prepare_data(options: RunOptions, setup: RunSetup) -> RunData:
     dataset = source.dataset
     names = label_names(dataset.labels)  # split files: validation and test labels occur in training
     setup.log(_data_line(options.data, source, names, setup.data_seed))
+    for alike in look_alike_labels(dataset.labels):
+        setup.log(f"Warning: the labels {' and '.join(map(repr, alike))} differ only in letter case or spaces, so "
+                  "they are trained as different classes; if they are one, make them the same in the file")  # fmt: skip
     tokenizer = build_tokenizer(setup.spec)
     context = _context_length(setup.spec)
     max_length = options.max_length
