@@ -187,6 +187,39 @@ def test_look_alike_labels_train_as_classes_of_their_own_with_a_warning(
     assert {"Joy", "joy"} <= set(json.loads((tmp_path / "run" / "labels.json").read_text()))
 
 
+def test_accuracy_on_texts_not_in_the_training_split(tiny_gpt2_dir, files, tmp_path, capsys):
+    from lorafit.metrics import unseen_accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 2.0]])
+    assert unseen_accuracy(logits, [0, 0, 0, 1], [False, False, True, False]) == {
+        "count": 3, "seen": 1, "accuracy": 2 / 3}  # fmt: skip
+    assert unseen_accuracy(logits, [0, 0, 0, 1], [False] * 4) is None  # nothing seen: nothing to add
+    assert unseen_accuracy(logits, [0, 0, 0, 1], [True] * 4)["accuracy"] is None  # nothing unseen
+
+    train_rows = six_class_rows(120, 1)
+    test_rows = train_rows[:5] + six_class_rows(25, 4)  # 5 test texts also occur in training
+    train, test = tmp_path / "train.tsv", tmp_path / "test.tsv"
+    for path, rows in ((train, train_rows), (test, test_rows)):
+        path.write_text(
+            "label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8"
+        )
+    out = tmp_path / "run"
+    main(train_args(tiny_gpt2_dir, out, "--epochs", "1", "--data", train, "--test-data", test))
+    printed = capsys.readouterr().out
+    trained_on = {text for _, text in train_rows}
+    new = [(label, text) for label, text in test_rows if text not in trained_on]  # 25, unless words repeat
+    seen = len(test_rows) - len(new)
+    assert seen >= 5 and f"Overlap: {seen} of 30 test texts also occur in the training split" in printed
+    unseen = json.loads((out / "metrics.json").read_text())["test"]["unseen"]
+    # The figure is the classifier's accuracy on the texts that training never saw.
+    predicted = [p["label"] for p in load_classifier(out, device="cpu").predict([t for _, t in new])]
+    right = sum(p == label for p, (label, _) in zip(predicted, new))
+    assert unseen == {"count": len(new), "seen": seen, "accuracy": pytest.approx(right / len(new))}
+    assert f"({right / len(new):.2%} on the {len(new)} texts not in the training split)" in printed
+    code, stdout, _ = run_main(["eval", "--run", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["test"]["unseen"] == unseen
+
+
 def test_eval_refuses_data_files_that_changed(tiny_gpt2_dir, files, tmp_path, capsys):
     out = tmp_path / "run"
     main(train_args(tiny_gpt2_dir, out, "--epochs", "1", "--data", files["train"], "--val-data", files["dev"],

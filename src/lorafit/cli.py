@@ -282,11 +282,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    from .metrics import format_report
+    from .metrics import describe_unseen, format_report
 
     for name, m in results.items():
         print(f"{name}: accuracy {m['accuracy']:.2%} ({m['count']:,} rows) | macro-F1 {m['macro_f1']:.3f} | "
               f"weighted-F1 {m['weighted_f1']:.3f} | loss {m['loss']:.4f}")  # fmt: skip
+        if unseen := m.get("unseen"):
+            other = f" (the other {unseen['seen']:,} are)" if unseen["accuracy"] is not None else ""
+            print(f"{name}: {describe_unseen(unseen, 'rows')}{other}")
         print(format_report(m) + "\n")
         if args.errors:
             print(

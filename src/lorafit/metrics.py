@@ -53,6 +53,25 @@ def metrics_from_logits(logits: torch.Tensor, labels: Sequence[int], label_names
     return metrics
 
 
+def unseen_accuracy(logits: torch.Tensor, labels: Sequence[int], seen: Sequence[bool]) -> dict | None:
+    """Accuracy on the rows whose text does not also occur in the training split (`seen` False), with
+    their `count` and how many rows were `seen`: what a split says about new texts. None when no row was
+    seen (the split's own accuracy says it); its accuracy None when every row was."""
+    if not any(seen):
+        return None
+    unseen = [i for i, s in enumerate(seen) if not s]
+    correct = sum(int(logits[i].argmax()) == labels[i] for i in unseen)
+    return {"count": len(unseen), "seen": len(seen) - len(unseen),
+            "accuracy": correct / len(unseen) if unseen else None}  # fmt: skip
+
+
+def describe_unseen(unseen: dict, rows: str = "texts") -> str:
+    """`unseen_accuracy`'s result in words, for a summary line."""
+    if unseen["accuracy"] is None:
+        return f"every one of its {rows} also occurs in the training split"
+    return f"{unseen['accuracy']:.2%} on the {unseen['count']:,} {rows} not in the training split"
+
+
 def format_report(metrics: dict, digits: int = 3) -> str:
     """The per-class table plus accuracy, macro and weighted averages, as `classification_report` prints."""
     names = list(metrics["per_class"])

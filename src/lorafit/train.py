@@ -23,7 +23,7 @@ from .batching import collate, collate_packed, epoch_batches, packed_width, sort
 from .config import INFERENCE_MAX_TOKENS, TrainConfig
 from .devices import autocast
 from .errors import LorafitError
-from .metrics import metrics_from_logits
+from .metrics import metrics_from_logits, unseen_accuracy
 from .streams import run_parallel, split_evenly, stream_count
 
 # Inference rounds packed widths up to a multiple of this in bf16 and fp16, and the server in any precision:
@@ -135,9 +135,12 @@ def evaluate(
     precision: str,
     progress: bool = False,
     desc: str = "eval",
+    seen: Sequence[bool] | None = None,
 ) -> dict:
     """Loss and classification metrics of `model` on one split (under torchrun: each rank scores its
-    share of the rows, and the metrics come from all the logits, exactly as in one process)."""
+    share of the rows, and the metrics come from all the logits, exactly as in one process). With `seen`
+    (per row: does its text also occur in the training split?) and any row seen, "unseen" holds the
+    accuracy on the others (`metrics.unseen_accuracy`)."""
 
     def compute(indices: list[int]) -> torch.Tensor:
         return predict_logits(
@@ -146,7 +149,10 @@ def evaluate(
         )  # fmt: skip
 
     logits = distributed.sharded_logits(compute, len(rows), model.head.out_features, device)
-    return metrics_from_logits(logits, labels, label_names)
+    metrics = metrics_from_logits(logits, labels, label_names)
+    if seen is not None and (unseen := unseen_accuracy(logits, labels, seen)) is not None:
+        metrics["unseen"] = unseen
+    return metrics
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: float):
