@@ -372,6 +372,32 @@ def test_predict_to_a_file_is_atomic_and_names_bad_rows(trained, tmp_path, capsy
     assert code == 2 and "unsupported file type '.xlsx'" in err
 
 
+def test_rows_without_text_keep_their_place_with_no_prediction(trained, tmp_path, capsys):
+    from lorafit.predict import predict_file
+
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": 1, "text": "happy day"}, {"id": 2}, {"id": 3, "text": None}, {"id": 4, "text": "  "},
+            {"id": 5, "text": "so sad"}]  # fmt: skip
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    classifier = load_classifier(trained, device="cpu")
+    expected = [p["label"] for p in classifier.predict(["happy day", "so sad"])]
+    said = []
+    for name in ("out.jsonl", "out.csv"):
+        assert predict_file(classifier, str(source), str(tmp_path / name), log=said.append) == 5
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [1, 2, 3, 4, 5]
+    assert [x["label"] for x in lines] == [expected[0], None, None, None, expected[1]]
+    assert all(x[f"p_{c}"] is None for x in lines[1:4] for c in CLASSES)
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["label"] for r in table] == [expected[0], "", "", "", expected[1]]
+    assert all(r[f"p_{c}"] == "" for r in table[1:4] for c in CLASSES) and table[0]["p_joy"] != ""
+    assert said.count("3 of the 5 rows had no text: their label is left empty") == 2
+    predict_file(classifier, str(source), None)  # printed: empty fields in the row's place
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:4] == ["\t\t", "\t\t", "\t\t  "] and printed[0].startswith(expected[0] + "\t")
+
+
 def test_predicting_a_labelled_file_keeps_its_label_column(trained, tmp_path, capsys):
     rows = six_class_rows(20, 11)
     source = tmp_path / "test.tsv"

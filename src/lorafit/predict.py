@@ -37,8 +37,10 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
     them to `out` (or print one line per row when `out` is None). Returns the number of rows.
 
     The added columns are `label` and `p_<label>`, or `predicted_label` and `predicted_p_<label>` where
-    the input has a column of one of those names (a labelled test file), so no input column is lost.
-    `log` receives the closing "Wrote N rows ..." line (from rank 0)."""
+    the input has a column of one of those names (a labelled test file), so no input column is lost. A row
+    with no text (an empty cell, a missing or null JSON field) keeps its place with those left empty (null
+    in JSON): a model's answer to nothing would be made up. `log` receives the closing "Wrote N rows ..."
+    line and the count of rows without text (from rank 0)."""
     out_fmt = None
     if out is not None:
         out_fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
@@ -57,7 +59,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
     )
     labels = classifier.labels
     prefix = prediction_prefix(columns, labels)
-    rows = 0
+    rows = textless = 0
     with _output(out, main) as sink:
         writer = _writer(sink, out_fmt, columns, labels, prefix) if sink is not None else None
         for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
@@ -67,17 +69,22 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                 continue
             probabilities = torch.softmax(logits, dim=-1).tolist()
             for (_, row), p in zip(chunk, probabilities):
-                best = max(range(len(p)), key=p.__getitem__)
+                text = _cell(row, key)
+                label = labels[max(range(len(p)), key=p.__getitem__)] if text.strip() else None
+                textless += label is None
                 if writer is not None:
-                    writer(row, labels[best], p)
+                    writer(row, label, p if label else None)
                 else:
-                    _print_row(_cell(row, key), labels[best], dict(zip(labels, p)), as_json)
+                    _print_row(text, label, dict(zip(labels, p)) if label else None, as_json)
             bar.update(chunk[-1][0] - bar.n)  # to the chunk's last line
         if sink is not None and out_fmt == "json":
             sink.write("\n]\n" if rows else "]\n")  # the array's end, before the file is renamed into place
     bar.close()
-    if out is not None and main and log is not None:
-        log(f"Wrote {rows:,} rows with {prefix}label and {prefix}p_<label> columns to {out}")
+    if main and log is not None:
+        if out is not None:
+            log(f"Wrote {rows:,} rows with {prefix}label and {prefix}p_<label> columns to {out}")
+        if textless:
+            log(f"{textless:,} of the {rows:,} rows had no text: their {prefix}label is left empty")
     return rows
 
 
@@ -149,7 +156,8 @@ def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[st
 
         def write_json(row, label, p):
             values = row if isinstance(row, dict) else dict(zip(columns, row))
-            line = json.dumps({**values, **dict(zip(added, [label, *p]))})
+            scores = p if p is not None else [None] * len(labels)  # no text: nulls
+            line = json.dumps({**values, **dict(zip(added, [label, *scores]))})
             handle.write(line + "\n" if separators is None else next(separators, ",\n") + line)
 
         return write_json
@@ -162,16 +170,18 @@ def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[st
         cells = (
             [_cell(row, c) for c in columns] if isinstance(row, dict) else (list(row) + [""] * width)[:width]
         )
-        table.writerow([*cells, label, *(f"{x:.6f}" for x in p)])
+        scores = [f"{x:.6f}" for x in p] if p is not None else [""] * len(labels)  # no text: empty cells
+        table.writerow([*cells, label or "", *scores])
 
     return write_row
 
 
-def _print_row(text: str, label: str, probabilities: dict, as_json: bool) -> None:
+def _print_row(text: str, label: str | None, probabilities: dict | None, as_json: bool) -> None:
+    """One row to standard output; a row without text gets empty fields (null in JSON), in its place."""
     if as_json:
         print(json.dumps({"text": text, "label": label, "probabilities": probabilities}))
     else:
-        print(f"{label}\t{probabilities[label]:.4f}\t{text}")
+        print(f"{label}\t{probabilities[label]:.4f}\t{text}" if label else f"\t\t{text}")
 
 
 def _count_lines(path: str) -> int:
