@@ -708,8 +708,8 @@ def evaluate_run(
         splits = load_splits(data, saved["seed"], log)
         dataset = splits.dataset
         parts = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
-        seen = {name: seen_in_training([dataset.texts[i] for i in parts[name]], splits) for name in parts}
-        seen["train"] = None
+        seen = {name: seen_in_training([dataset.texts[i] for i in idx], splits) for name, idx in parts.items()
+                if name != "train"}  # fmt: skip
     else:
         dataset = load_dataset(
             data.source, text_column=data.text_column, label_column=data.label_column, header=data.header,
