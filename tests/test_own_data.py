@@ -218,6 +218,15 @@ def test_accuracy_on_texts_not_in_the_training_split(tiny_gpt2_dir, files, tmp_p
     assert f"({right / len(new):.2%} on the {len(new)} texts not in the training split)" in printed
     code, stdout, _ = run_main(["eval", "--run", out, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["test"]["unseen"] == unseen
+    code, stdout, _ = run_main(["eval", "--run", out, "--data", test, "--json"], capsys)  # any file, too
+    assert code == 0 and json.loads(stdout)["data"]["unseen"] == unseen
+    with open(train, "a", encoding="utf-8") as f:
+        f.write("joy\tone more happy day\n")  # the training split cannot be rebuilt: said, not guessed
+    code, stdout, err = run_main(["eval", "--run", out, "--data", test, "--json"], capsys)
+    assert code == 0 and "unseen" not in json.loads(stdout)["data"]
+    assert (
+        "(not compared with the run's training split, which cannot be rebuilt: " in err and "changed" in err
+    )
 
 
 def test_eval_refuses_data_files_that_changed(tiny_gpt2_dir, files, tmp_path, capsys):

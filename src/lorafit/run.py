@@ -700,12 +700,9 @@ def evaluate_run(
     names = classifier.labels
     class_of = {name: i for i, name in enumerate(names)}
     if data is None:
-        saved = config["data"]
-        if saved is None:
+        if config["data"] is None:
             raise LorafitError(f"{run_dir}: this run was imported and records no data; pass --data FILE")
-        check_files(saved.get("files") or {}, f"the run {run_dir}")
-        data = config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])})
-        splits = load_splits(data, saved["seed"], log)
+        splits = _saved_splits(run_dir, config, log)
         dataset = splits.dataset
         parts = {name: getattr(splits, name) for name in ("train", "val", "test") if getattr(splits, name)}
         seen = {name: seen_in_training([dataset.texts[i] for i in idx], splits) for name, idx in parts.items()
@@ -716,6 +713,13 @@ def evaluate_run(
             encoding=data.encoding, strict=data.strict, log=log,
         )  # fmt: skip
         parts, seen = {"data": list(range(len(dataset.texts)))}, {}
+        if config["data"] is not None:  # an imported run has no training split to compare with
+            try:
+                seen["data"] = seen_in_training(
+                    dataset.texts, _saved_splits(run_dir, config, lambda line: None)
+                )
+            except LorafitError as e:
+                log(f"(not compared with the run's training split, which cannot be rebuilt: {e})")
     for label, line in zip(dataset.labels, dataset.lines):
         if label not in class_of:
             raise LorafitError(f"{dataset.source}: line {line}: label {label!r} was not among the run's labels "
@@ -732,6 +736,14 @@ def evaluate_run(
             rows = [(dataset.lines[i], dataset.texts[i], dataset.labels[i]) for i in idx]
             results[name]["errors"] = confident_mistakes(logits, rows, names, errors)
     return results
+
+
+def _saved_splits(run_dir, config: dict, log) -> Splits:
+    """The run's own train / val / test splits, rebuilt from its config (refused if a data file changed)."""
+    saved = config["data"]
+    check_files(saved.get("files") or {}, f"the run {run_dir}")
+    data = config_from_dict(DataOptions, {**saved, "split": tuple(saved["split"])})
+    return load_splits(data, saved["seed"], log)
 
 
 def confident_mistakes(logits: torch.Tensor, rows: list[tuple], names: list[str], limit: int) -> list[dict]:
