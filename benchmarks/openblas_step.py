@@ -6,7 +6,7 @@ faster than torch's `F.linear` in isolation. This checks whether a training step
 either left to torch or routed through an autograd function whose forward (`x @ W.T + b`) and backward
 (`dy @ W`) products are numpy's, in rounds that alternate which goes first.
 
-    python benchmarks/openblas_step.py [--rounds 4] [--length 30] [--torch-threads-with-openblas 2]
+    python benchmarks/openblas_step.py [--rounds 4] [--length 30] [--torch-threads-with-openblas 2] [--smoke]
 
 OpenBLAS keeps its own threads beside torch's OpenMP ones, and on 2 cores each pool's waiting threads spin
 while the other works: run it under `OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIMEOUT=4` as well as without.
@@ -16,6 +16,7 @@ while the other works: run it under `OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -56,11 +57,12 @@ def openblas_linear(x, weight, bias=None):
     return torch_linear(x, weight, bias)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import speed
     from step_overhead import warm_step_ms
 
     from lorafit.classifier import build_classifier, resolve_model
-    from lorafit.config import LoRAConfig, TrainConfig, resolve_train_config
+    from lorafit.config import GPT2Config, LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.train import make_optimizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,15 +71,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed warm steps per system and round")
     parser.add_argument("--threads", type=int, default=2, help="torch's threads for the plain path")
     parser.add_argument("--torch-threads-with-openblas", type=int, default=2)
-    args = parser.parse_args()
-    model, _ = build_classifier(resolve_model("gpt2", "random"), 2, "last", LoRAConfig(rank=8, alpha=16),
-                                seed=123, device=torch.device("cpu"))  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 2-layer, 64-wide GPT-2, 1 round: plumbing only"
+    )
+    args = parser.parse_args(argv)
+    spec = resolve_model("gpt2", "random")
+    if args.smoke:
+        spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
+        args.rounds, args.steps = 1, 1
+    model, _ = build_classifier(
+        spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=torch.device("cpu")
+    )
     config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(named, config, 10_000)
     model.train()
     texts = [[100 + i + j for j in range(args.length)] for i in range(8)]
-    print(f"GPT-2 124M, LoRA r8, fp32, batch 8 x {args.length} tokens; ms per warm step")
+    print(f"GPT-2 {'SMOKE (numbers meaningless)' if args.smoke else '124M'}, LoRA r8, fp32, batch 8 x {args.length} "
+          "tokens; ms per warm step")  # fmt: skip
     print("| round | torch (MKL) | OpenBLAS | OpenBLAS / torch |\n|---:|---:|---:|---:|")
     systems = {
         "torch": (torch_linear, args.threads),
@@ -88,8 +99,10 @@ def main() -> None:
         for name in sorted(systems, reverse=round_ % 2 == 1):
             F.linear, threads = systems[name]  # nn.Linear and lorafit look F.linear up at each call
             torch.set_num_threads(threads)
-            ms[name] = warm_step_ms(model, optimizer, config, "fp32", texts, args.steps)[1]
-        F.linear = torch_linear
+            try:
+                ms[name] = warm_step_ms(model, optimizer, config, "fp32", texts, args.steps)[1]
+            finally:
+                F.linear = torch_linear
         print(
             f"| {round_} | {ms['torch']:.0f} | {ms['openblas']:.0f} | {ms['openblas'] / ms['torch']:.2f} |",
             flush=True,

@@ -218,7 +218,7 @@ def test_bypassed_adapters_compute_the_same_and_still_send_gradients_through_eve
     assert first is not None and first.abs().sum() > 0  # the backward pass reached block 0
 
 
-def test_gemm_shapes_prints_a_row_per_projection_shape_with_both_backends(capsys) -> None:
+def test_gemm_shapes_prints_a_row_per_projection_shape_with_every_backend(capsys) -> None:
     import gemm_shapes
 
     gemm_shapes.main(["--rows", "8,16", "--calls", "1", "--repeats", "1", "--threads", "1"])
@@ -228,5 +228,28 @@ def test_gemm_shapes_prints_a_row_per_projection_shape_with_both_backends(capsys
     assert "| 16 × 3072 × 768 |" in out
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 6 and float(cells[1]) > 0 and float(cells[2]) > 0, row
+        assert len(cells) == 8 and float(cells[1]) > 0 and float(cells[2]) > 0, row
         assert cells[3].endswith("%"), row  # oneDNN may be absent from a build: then "–"
+        assert float(cells[6]) > 0 and cells[7].endswith("%"), row  # OpenBLAS (numpy), in fp32
+
+
+def test_openblas_linear_computes_what_torch_does_and_the_smoke_run_prints_a_round(capsys) -> None:
+    import openblas_step
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    ours, theirs = openblas_step.OpenBLASLinear.apply(x, weight, bias), F.linear(x, weight, bias)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    grad = torch.randn_like(ours)
+    (mine,), (reference,) = torch.autograd.grad(ours, x, grad), torch.autograd.grad(theirs, x, grad)
+    assert torch.allclose(mine, reference, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        openblas_step.main(["--smoke", "--length", "4"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    out = capsys.readouterr().out
+    assert "SMOKE" in out and len([line for line in out.splitlines() if line.startswith("| 0 |")]) == 1, out
+    assert F.linear is openblas_step.torch_linear  # put back after the run
