@@ -149,6 +149,47 @@ def test_streamed_json_and_semicolon_csv(tmp_path):
         (2, ["1", "hello, world"]), (3, ["2", "bye"])]  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["d.csv", "d.tsv", "d.jsonl", "d.json", "d"])
+def test_gzipped_files_read_as_the_file_inside(tmp_path, name):
+    import gzip
+
+    from lorafit.data import read_text_chunks
+
+    rows = [("ham", "hello, there"), ("spam", "win a prize")]
+    if name.endswith(".csv"):
+        content = "label,text\n" + "".join(f'{label},"{text}"\n' for label, text in rows)
+    elif ".json" in name:
+        content = "\n".join(json.dumps({"label": label, "text": text}) for label, text in rows)
+    else:
+        content = "".join(f"{label}\t{text}\n" for label, text in rows)
+    plain = read_table(write(tmp_path / name, content))
+    packed = tmp_path / f"{name}.gz"
+    packed.write_bytes(gzip.compress(content.encode()))
+    ds = read_table(packed)
+    assert (ds.texts, ds.labels, ds.lines) == (plain.texts, plain.labels, plain.lines) == (
+        [t for _, t in rows], [label for label, _ in rows], ds.lines)  # fmt: skip
+    _, key, chunks = read_text_chunks(packed, chunk_rows=1)  # streamed, decompressed as it is read
+    streamed = [row for chunk in chunks for row in chunk]
+    assert [data._cell(row, key) for _, row in streamed] == ds.texts
+
+
+def test_broken_gzip_is_one_line(tmp_path):
+    import gzip
+
+    from lorafit.data import read_text_chunks
+
+    whole = gzip.compress(("label\ttext\n" + "ham\thello\n" * 5000).encode())
+    for name, blob in [("not.tsv.gz", b"plain text, not gzip"), ("cut.tsv.gz", whole[: len(whole) // 2])]:
+        path = write(tmp_path / name, blob)
+        with pytest.raises(LorafitError, match=rf"{name}: not a readable gzip file \("):
+            read_table(path)
+        with pytest.raises(LorafitError, match=rf"{name}: not a readable gzip file \("):
+            for _ in read_text_chunks(path)[2]:
+                pass
+    with pytest.raises(LorafitError, match=r"unsupported file type '\.xlsx\.gz'"):
+        read_table(write(tmp_path / "t.xlsx.gz", gzip.compress(b"x")))
+
+
 def test_look_alike_labels():
     assert data.look_alike_labels(["spam", "Spam", "ham", "no  spam", "No spam", "ham"]) == [
         ["No spam", "no  spam"], ["Spam", "spam"]]  # fmt: skip
@@ -288,7 +329,7 @@ def test_a_two_column_header_with_one_usual_name(tmp_path):
             "t.xlsx",
             "whatever",
             {},
-            r"unsupported file type '\.xlsx' \(use \.csv, \.tsv, \.txt, \.jsonl or \.json\)",
+            r"unsupported file type '\.xlsx' \(use \.csv, \.tsv, \.txt, \.jsonl or \.json, each also gzipped",
         ),
         ("q.csv", 'label,text\nham,"never closed\n', {}, r"q\.csv: line 2: bad CSV"),
         ("q2.csv", 'label,text\nham,ok\nham,"quoted"junk\nspam,c\n', {}, r"q2\.csv: line 3: bad CSV"),

@@ -355,6 +355,13 @@ def test_predict_a_file_to_a_file_keeps_columns_and_order(trained, tmp_path, cap
     )  # reads it too
     assert [x["predicted_label"] for x in json.loads((tmp_path / "again.json").read_text())] == [
         x["label"] for x in lines]  # fmt: skip
+    import gzip
+
+    packed = tmp_path / "source.csv.gz"  # a gzipped input, decompressed as it streams: the same rows
+    packed.write_bytes(gzip.compress(source.read_bytes()))
+    gz_out = tmp_path / "gz.jsonl"
+    assert predict_file(classifier, str(packed), str(gz_out), text_column="comment", chunk_rows=7) == 300
+    assert [json.loads(line) for line in gz_out.read_text().splitlines()] == lines
     assert [x["label"] for x in lines] == [r["label"] for r in whole_rows]
     assert [x["id"] for x in lines] == [r["id"] for r in whole_rows]
     for line, row in zip(lines, whole_rows):

@@ -132,7 +132,7 @@ def set_runtime_options(args: argparse.Namespace) -> None:
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "sms-spam") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
-                   help="sms-spam (UCI download, offline copy as fallback) or a local .tsv/.csv/.jsonl/.json file"
+                   help="sms-spam (UCI download, offline copy as fallback) or a local .tsv/.csv/.jsonl/.json file (or gzipped: .csv.gz, ...)"
                         + (f" (default: {default})" if default else ""))  # fmt: skip
     g.add_argument(
         "--text-column", default=None, help="text column name (or 0-based number with --no-header)"
@@ -547,7 +547,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--file", default=None,
-                   help="a data file (.tsv / .txt: one text per line or tab-separated, .csv, .jsonl, .json) to classify; "
+                   help="a data file (.tsv / .txt: one text per line or tab-separated, .csv, .jsonl, .json; or gzipped) to classify; "
                         "- reads standard input (one text per line unless --format)")  # fmt: skip
     p.add_argument("--format", default=None, choices=["tsv", "csv", "jsonl", "json"],
                    help="how to read --file, whatever its suffix (default: from the suffix; tsv for -)")  # fmt: skip

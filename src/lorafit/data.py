@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -21,6 +22,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,7 @@ TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body",
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
 # .json: JSON lines (what Hugging Face datasets' `to_json` writes) or one array of objects.
 FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
-SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json"
+SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json, each also gzipped (.csv.gz, ...)"
 # A .csv's delimiter, in order of preference: what spreadsheets write (';' where ',' is the decimal mark),
 # and a tab for a tab-separated file saved as .csv. The one that cuts the first rows evenly wins.
 CSV_DELIMITERS = (",", ";", "\t")
@@ -209,6 +211,24 @@ def _offline_copy() -> TextDataset | None:
     )
 
 
+def file_format(path: Path) -> str | None:
+    """The format a file's suffix names ("tsv", "csv", "jsonl", "json"), looking through a `.gz`
+    (`train.csv.gz` is a gzipped CSV); None for a suffix lorafit does not read."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        return FORMATS.get(suffixes[-2] if len(suffixes) > 1 else "")
+    return FORMATS.get(path.suffix.lower())
+
+
+def _suffix(path: Path) -> str:
+    """The suffix to name in an error: `.xlsx`, or `.xlsx.gz` through a `.gz`."""
+    return "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix
+
+
+def is_gzipped(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
 def read_table(
     path: str | Path,
     *,
@@ -225,9 +245,9 @@ def read_table(
     Rows with no label or empty text are skipped and counted, or raise when strict.
     """
     path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
+    fmt = file_format(path)
     if fmt is None:
-        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use {SUPPORTED})")
+        raise LorafitError(f"{path}: unsupported file type {_suffix(path)!r} (use {SUPPORTED})")
     text = _read_text(path, encoding)
     return _parse_text(
         text,
@@ -250,6 +270,11 @@ def _read_text(path: Path, encoding: str) -> str:
         raise LorafitError(f"{path}: is a directory, expected a file") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise LorafitError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if is_gzipped(path):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+            raise LorafitError(f"{path}: not a readable gzip file ({e})") from None
     if not data.strip():
         raise LorafitError(f"{path}: the file is empty")
     try:
@@ -565,9 +590,9 @@ def read_text_chunks(
     `chunk_rows` `(line, cells or object)` rows."""
     path = Path(path)
     if fmt is None:
-        fmt = "tsv" if str(path) == STDIN else FORMATS.get(path.suffix.lower())
+        fmt = "tsv" if str(path) == STDIN else file_format(path)
     if fmt is None:
-        raise LorafitError(f"{path}: unsupported file type {path.suffix!r} (use {SUPPORTED}, or --format)")
+        raise LorafitError(f"{path}: unsupported file type {_suffix(path)!r} (use {SUPPORTED}, or --format)")
     if fmt not in FORMATS.values():
         raise LorafitError(f"unknown format {fmt!r} (use tsv, csv, jsonl or json)")
     rows = _stream_rows(path, fmt, encoding)
@@ -626,7 +651,8 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
 
     def decoded() -> Iterator[str]:
         with contextlib.nullcontext() if handle is sys.stdin.buffer else handle:  # stdin stays open
-            for number, raw in enumerate(handle, start=1):
+            raw_lines = _gunzipped(handle, name) if is_gzipped(path) else handle
+            for number, raw in enumerate(raw_lines, start=1):
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError:
@@ -660,6 +686,14 @@ def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, lis
             continue
         n_cols = n_cols or line.count("\t") + 1  # as `_split_rows`: the first row fixes the columns
         yield number, line.split("\t", n_cols - 1)
+
+
+def _gunzipped(handle, name: str) -> Iterator[bytes]:
+    """The lines of a gzipped file, decompressed as they are read; a broken one is a one-line error."""
+    try:
+        yield from gzip.GzipFile(fileobj=handle)
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+        raise LorafitError(f"{name}: not a readable gzip file ({e})") from None
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:

@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .allocator import release_free_memory
 from .config import INFERENCE_BATCH_SIZE
-from .data import STDIN, _cell, read_text_chunks
+from .data import STDIN, _cell, is_gzipped, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
 from .train import progress_bar
@@ -52,7 +52,7 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                                             chunk_rows=chunk_rows, fmt=fmt)  # fmt: skip
     main = distributed.is_main()
     bar = progress_bar(
-        total=_count_lines(path) if main and str(path) != STDIN else None,
+        total=_count_lines(path) if main and str(path) != STDIN and not is_gzipped(Path(path)) else None,
         unit="line",
         desc="predict",
         disable=not main or out is None,
