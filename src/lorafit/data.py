@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -215,9 +216,9 @@ def file_format(path: Path) -> str | None:
     """The format a file's suffix names ("tsv", "csv", "jsonl", "json"), looking through a `.gz`
     (`train.csv.gz` is a gzipped CSV); None for a suffix lorafit does not read."""
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        return FORMATS.get(suffixes[-2] if len(suffixes) > 1 else "")
-    return FORMATS.get(path.suffix.lower())
+    if is_gzipped(path):
+        suffixes.pop()
+    return FORMATS.get(suffixes[-1] if suffixes else "")
 
 
 def _suffix(path: Path) -> str:
@@ -814,6 +815,11 @@ class Splits:
     val: list[int]
     test: list[int]
     files: dict[str, dict] = field(default_factory=dict)  # {"train": {"path", "sha256"}, "val": ..., ...}
+
+    @functools.cached_property
+    def training_texts(self) -> frozenset[str]:
+        """The texts of the training split (built once: the overlap checks of every split look here)."""
+        return frozenset(self.dataset.texts[i] for i in self.train)
 
 
 def load_splits(options, seed: int, log: Callable[[str], object] = print) -> Splits:

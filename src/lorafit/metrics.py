@@ -60,7 +60,8 @@ def unseen_accuracy(logits: torch.Tensor, labels: Sequence[int], seen: Sequence[
     if not any(seen):
         return None
     unseen = [i for i, s in enumerate(seen) if not s]
-    correct = sum(int(logits[i].argmax()) == labels[i] for i in unseen)
+    predicted = logits.argmax(-1).tolist()
+    correct = sum(predicted[i] == labels[i] for i in unseen)
     return {"count": len(unseen), "seen": len(seen) - len(unseen),
             "accuracy": correct / len(unseen) if unseen else None}  # fmt: skip
 

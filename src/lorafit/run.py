@@ -319,8 +319,7 @@ def prepare_data(options: RunOptions, setup: RunSetup) -> RunData:
 def seen_in_training(texts: list[str], source: Splits) -> list[bool]:
     """Per text: does the same text also occur in the training split? (Duplicates are common in real
     data: 30 of the SMS job's 258 test messages; such rows say more about memory than about new texts.)"""
-    training = {source.dataset.texts[i] for i in source.train}
-    return [text in training for text in texts]
+    return [text in source.training_texts for text in texts]
 
 
 def _overlap_line(source: Splits) -> str | None:
