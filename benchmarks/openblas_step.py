@@ -16,7 +16,6 @@ while the other works: run it under `OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIM
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -58,12 +57,7 @@ def openblas_linear(x, weight, bias=None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import speed
-    from step_overhead import warm_step_ms
-
-    from lorafit.classifier import build_classifier, resolve_model
-    from lorafit.config import GPT2Config, LoRAConfig, TrainConfig, resolve_train_config
-    from lorafit.train import make_optimizer
+    from step_overhead import gpt2_lora, lab_training, warm_step_ms
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -75,17 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="a 2-layer, 64-wide GPT-2, 1 round: plumbing only"
     )
     args = parser.parse_args(argv)
-    spec = resolve_model("gpt2", "random")
     if args.smoke:
-        spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
         args.rounds, args.steps = 1, 1
-    model, _ = build_classifier(
-        spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=torch.device("cpu")
-    )
-    config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, _ = make_optimizer(named, config, 10_000)
-    model.train()
+    _, model = gpt2_lora(args.smoke)
+    config, optimizer = lab_training(model)
     texts = [[100 + i + j for j in range(args.length)] for i in range(8)]
     print(f"GPT-2 {'SMOKE (numbers meaningless)' if args.smoke else '124M'}, LoRA r8, fp32, batch 8 x {args.length} "
           "tokens; ms per warm step")  # fmt: skip

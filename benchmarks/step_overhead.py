@@ -59,6 +59,38 @@ def warm_step_ms(model, optimizer, config, precision: str, texts: list[list[int]
     return tuple(inputs[0].shape), (time.perf_counter() - start) / steps * 1e3
 
 
+def gpt2_lora(smoke: bool):
+    """(spec, model): GPT-2 124M with random weights (`smoke`: 2 layers x 64) and LoRA r8 on all six
+    projections, a 2-class head, on the CPU."""
+    import speed
+    import torch
+
+    from lorafit.classifier import build_classifier, resolve_model
+    from lorafit.config import GPT2Config, LoRAConfig
+
+    spec = resolve_model("gpt2", "random")
+    if smoke:
+        spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
+    model, _ = build_classifier(
+        spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=torch.device("cpu")
+    )
+    return spec, model
+
+
+def lab_training(model):
+    """(config, optimizer): the lab's training settings (batch 8, lr 5e-4) and an AdamW over `model`'s
+    trainable parameters; `model` in training mode."""
+    from lorafit.config import TrainConfig, resolve_train_config
+    from lorafit.train import make_optimizer
+
+    config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
+    optimizer, _ = make_optimizer(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], config, 10_000
+    )
+    model.train()
+    return config, optimizer
+
+
 def bypass_adapters(model) -> None:
     """Every LoRA adapter merged (its `B` is still zero: the weights do not change) and frozen, and block
     0's first LayerNorm weight trained instead, so the backward pass still runs through every block."""
@@ -77,10 +109,7 @@ def main() -> None:
     import torch
 
     from lorafit.allocator import active_allocator
-    from lorafit.classifier import build_classifier, resolve_model
-    from lorafit.config import GPT2Config, LoRAConfig, TrainConfig, resolve_train_config
     from lorafit.devices import cast_frozen_weights, resolve_precision
-    from lorafit.train import make_optimizer
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,18 +132,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
-    spec = resolve_model("gpt2", "random")
-    if args.smoke:
-        spec = dataclasses.replace(spec, config=GPT2Config(**speed.GPT2_SMOKE))
-    model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
+    spec, model = gpt2_lora(args.smoke)
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
     if args.without_adapters:
         bypass_adapters(model)
-    config = resolve_train_config(TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=123), "gpt2")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, _ = make_optimizer(named, config, 10_000)
-    model.train()
+    config, optimizer = lab_training(model)  # after the bypass: it decides what trains
     adapters = (
         "LoRA bypassed (block 0's ln1 trained, gradients through every block)"
         if args.without_adapters
