@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -120,7 +121,23 @@ BAD_REQUESTS = [
     ({"inputs": ["x"] * 300}, 422, "validation", "at most 256 per request"),
     ({"inputs": "ok", "truncate": "yes"}, 422, "validation", '"truncate" must be true or false'),
     ({"inputs": "ok", "top_k": 0}, 422, "validation", '"top_k" must be a whole number'),
-    ({"inputs": "ok", "truncation_direction": "left"}, 422, "validation", "truncation_direction"),
+    ({"inputs": "ok", "truncation_direction": "middle"}, 422, "validation", '"truncation_direction" must be'),
+    ({"inputs": "ok", "parameters": [1]}, 422, "validation", '"parameters" must be an object, got a list'),
+    ({"inputs": "ok", "parameters": {"k": 1}}, 422, "validation", "unknown field 'parameters.k'"),
+    ({"inputs": "ok", "parameters": {"top_k": 0}}, 422, "validation", '"parameters.top_k" must be a whole'),
+    ({"inputs": "ok", "top_k": 1, "parameters": {"top_k": 1}}, 422, "validation", '"top_k" is given twice'),
+    (
+        {"inputs": "ok", "parameters": {"function_to_apply": "relu"}},
+        422,
+        "validation",
+        "softmax, sigmoid, none",
+    ),
+    (
+        {"inputs": "ok", "raw_scores": True, "parameters": {"function_to_apply": "sigmoid"}},
+        422,
+        "validation",
+        "give one of them",
+    ),
     ({"inputs": "ok", "trunc": True}, 422, "validation", "unknown field 'trunc'"),
     ({"inputs": "word " * 200, "truncate": False}, 422, "validation", "over the run's max length"),
 ]
@@ -142,6 +159,121 @@ def test_long_text_is_truncated_by_default(client, runs):
     assert_same_scores(answer.json(), reference(runs["a"], [long])[0])  # predict truncates the same way
 
 
+def test_left_truncation_keeps_a_long_texts_end(client, runs):
+    classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
+    tokenizer, limit = classifier.tokenizer, classifier.max_length
+    long = "see you later at home for dinner ok " * 20 + SPAM
+    tail = tokenizer.encode(long)[-limit:]
+    tail_text = tokenizer.decode(tail)
+    assert tokenizer.encode(tail_text) == tail  # so that predict sees the same tokens
+    left = client.post("/predict", json={"inputs": long, "truncation_direction": "left"})
+    assert left.status_code == 200
+    assert_same_scores(left.json(), reference(runs["a"], [tail_text])[0])
+    right = client.post("/predict", json={"inputs": long, "truncation_direction": "Right"}).json()
+    assert_same_scores(right, reference(runs["a"], [long])[0])
+    assert right != left.json()
+
+
+def test_tei_routes_headers_parameters_and_info(client, runs):
+    texts = [SPAM, HAM, "ok thanks"]
+    expected = reference(runs["a"], texts)
+    for path in ("/predict", "/", "/invocations"):
+        answer = client.post(path, json={"inputs": texts})
+        assert answer.status_code == 200, path
+        for scores, want in zip(answer.json(), expected):
+            assert_same_scores(scores, want)
+    tokenizer = load_classifier(runs["a"], device="cpu", precision="fp32").tokenizer
+    assert answer.headers["x-compute-characters"] == str(sum(len(t) for t in texts))
+    assert answer.headers["x-compute-tokens"] == str(sum(len(tokenizer.encode(t)) for t in texts))
+    assert float(answer.headers["x-tokenization-time"]) >= 0
+    assert client.get("/").headers["content-type"].startswith("text/html")  # GET / is still the page
+    logits = load_classifier(runs["a"], device="cpu", precision="fp32").logits([SPAM])[0].tolist()
+    sigmoid = client.post("/", json={"inputs": SPAM, "parameters": {"function_to_apply": "sigmoid"}}).json()
+    assert {s["label"]: s["score"] for s in sigmoid} == pytest.approx(
+        {label: 1 / (1 + math.exp(-x)) for label, x in zip(["ham", "spam"], logits)}, abs=1e-5
+    )
+    raw = client.post(
+        "/", json={"inputs": SPAM, "parameters": {"function_to_apply": "none", "top_k": 1}}
+    ).json()
+    assert raw == client.post("/predict", json={"inputs": SPAM, "raw_scores": True, "top_k": 1}).json()
+    assert len(raw) == 1 and raw[0]["score"] == pytest.approx(max(logits), abs=1e-4)
+    info = client.get("/info").json()
+    assert info["model_type"] == {"classifier": {"id2label": {"0": "ham", "1": "spam"},
+                                                 "label2id": {"ham": 0, "spam": 1}}}  # fmt: skip
+    assert info["model_dtype"] == "float32" and info["max_client_batch_size"] == 256
+    assert info["max_input_length"] == info["runs"][0]["max_length"] and info["auto_truncate"] is True
+    assert info["model_sha"] == info["runs"][0]["base_sha256"]
+
+
+def test_tokenize_and_decode_answer_as_tei(client, runs):
+    tokenizer = load_classifier(runs["a"], device="cpu", precision="fp32").tokenizer
+    text = "WIN £5 now 🎉 ok"
+    answer = client.post("/tokenize", json={"inputs": text})
+    assert answer.status_code == 200
+    (tokens,) = answer.json()
+    assert [t["id"] for t in tokens] == tokenizer.encode(text)
+    assert all(t["text"] == text[t["start"] : t["stop"]] and t["special"] is False for t in tokens)
+    # The spans cover the text once, in order; the emoji's two byte tokens both cover it.
+    spans = list(dict.fromkeys((t["start"], t["stop"]) for t in tokens))
+    assert "".join(text[a:b] for a, b in spans) == text and len(spans) == len(tokens) - 1
+    batch = client.post("/tokenize", json={"inputs": [text, "ok"], "add_special_tokens": False}).json()
+    assert len(batch) == 2 and batch[0] == tokens and [t["text"] for t in batch[1]] == ["ok"]
+    ids = [t["id"] for t in tokens]
+    assert client.post("/decode", json={"ids": ids}).json() == [text]
+    assert client.post("/decode", json={"ids": [ids, ids[:1]]}).json() == [text, "WIN"]
+    assert client.post("/decode", json={"ids": [50256] + ids[:1]}).json() == ["WIN"]
+    kept = client.post("/decode", json={"ids": [50256] + ids[:1], "skip_special_tokens": False}).json()
+    assert kept == ["<|endoftext|>WIN"]
+    bad = [
+        ("/tokenize", {"inputs": []}, '"inputs" is an empty list'),
+        ("/tokenize", {"inputs": "x", "add_special_tokens": 1}, '"add_special_tokens" must be true or false'),
+        ("/tokenize", {"inputs": "x", "truncate": True}, "unknown field 'truncate'"),
+        ("/decode", {"ids": [1, 50257]}, "ids[1] must be a token id from 0 to 50256, got 50257"),
+        ("/decode", {"ids": [[1], [2, "x"]]}, "ids[1][1] must be a token id"),
+        ("/decode", {"ids": [[1], 2]}, "ids[1] must be a list of token ids, got a number"),
+        (
+            "/decode",
+            {"ids": []},
+            '"ids" must be a list of token ids or a list of such lists, got an empty list',
+        ),
+        ("/decode", {}, 'the field "ids" is missing'),
+    ]
+    for path, body, fragment in bad:
+        answer = client.post(path, json=body)
+        assert answer.status_code == 422 and fragment in answer.json()["error"], (body, answer.json())
+
+
+def test_a_tokenizer_json_gives_tei_tokens_decodes_and_truncates_from_the_left(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    from lorafit.tokenizers import HFTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "win": 4, "cash": 5, "now": 6, "ok": 7}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])  # as real tokenizer.json files mark them
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path)
+    tokens = hf.tokens("WIN  cash now")
+    assert tokens[0] == {"id": 0, "text": "<s>", "special": True, "start": None, "stop": None}
+    assert tokens[1:3] == [{"id": 4, "text": "WIN", "special": False, "start": 0, "stop": 3},
+                           {"id": 5, "text": "cash", "special": False, "start": 5, "stop": 9}]  # fmt: skip
+    assert [t["id"] for t in tokens] == [0, 4, 5, 6, 2] and tokens[-1]["special"]
+    assert [t["id"] for t in hf.tokens("ok", add_special_tokens=False)] == [7]
+    assert (
+        hf.decode([0, 4, 5, 2]) == "win cash"
+        and hf.decode([0, 4, 2], skip_special_tokens=False) == "<s> win </s>"
+    )
+    assert hf.encode_batch(["win cash now ok"], 4, "left") == ([[0, 6, 7, 2]], 1)
+    assert hf.encode_batch(["win cash now ok"], 4) == ([[0, 4, 5, 2]], 1)
+    assert hf.vocab_size == 8
+    assert hf.encode("win cash now ok") == [0, 4, 5, 6, 7, 2]  # tokens() left no truncation behind
+
+
 def test_limits_body_size_queue_timeout_and_routes(runs):
     limits = ServeLimits(max_body_bytes=1000, max_queue=3, timeout_s=0.3, max_wait_ms=0)
     client = started(create_app({"a": runs["a"], "b": runs["b"]}, precision="fp32", limits=limits))
@@ -157,6 +289,12 @@ def test_limits_body_size_queue_timeout_and_routes(runs):
         assert unknown.status_code == 404 and unknown.json()["error"] == "no run named 'zz' (runs: a, b)"
         several = client.post("/predict", json={"inputs": "x"})
         assert several.status_code == 404 and "POST /predict/NAME" in several.json()["error"]
+        assert "POST /predict/NAME" in client.post("/", json={"inputs": "x"}).json()["error"]
+        tokenize = client.post("/tokenize", json={"inputs": "x"})
+        assert tokenize.status_code == 404 and "POST /tokenize/NAME (runs: a, b)" in tokenize.json()["error"]
+        assert client.post("/tokenize/b", json={"inputs": "x"}).status_code == 200
+        assert client.post("/decode/a", json={"ids": [54]}).json() == ["W"]
+        assert "model_type" not in client.get("/info").json()  # TEI's fields describe one served run
         assert client.get("/predict/a").status_code == 405
         # A batch that takes longer than --timeout-s: 504, and the server still answers afterwards.
         run = client.app.state.lorafit.runs["a"]
@@ -174,8 +312,9 @@ def test_limits_body_size_queue_timeout_and_routes(runs):
 def test_api_key_protects_predict_and_info_but_not_health_or_metrics(runs):
     client = started(create_app({"a": runs["a"]}, precision="fp32", limits=ServeLimits(api_key="s3cret")))
     try:
-        for path, method in (("/predict", "post"), ("/info", "get")):
-            kwargs = {"json": {"inputs": "x"}} if method == "post" else {}
+        routes = [(path, "post", {"inputs": "x"}) for path in ("/predict", "/", "/invocations", "/tokenize")]
+        for path, method, body in routes + [("/decode", "post", {"ids": [54]}), ("/info", "get", None)]:
+            kwargs = {"json": body} if method == "post" else {}
             missing = getattr(client, method)(path, **kwargs)
             wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"}, **kwargs)
             right = getattr(client, method)(path, headers={"Authorization": "Bearer s3cret"}, **kwargs)
@@ -183,7 +322,7 @@ def test_api_key_protects_predict_and_info_but_not_health_or_metrics(runs):
             assert missing.headers["www-authenticate"] == "Bearer"
             assert "Authorization: Bearer KEY" in missing.json()["error"]
             assert right.status_code == 200, path
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").status_code == client.get("/ping").status_code == 200
         assert client.get("/metrics").status_code == 200
         assert client.get("/").status_code == 200
     finally:
@@ -472,6 +611,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_huggingface_hubs_inference_client_classifies_through_the_tei_route(runs, monkeypatch):
+    import httpx
+    import huggingface_hub
+    import uvicorn
+    from huggingface_hub import InferenceClient
+
+    # Under HF_HUB_OFFLINE (the suite sets it) the client refuses every URL, a local server's too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app({"a": runs["a"]}, precision="fp32"), host="127.0.0.1",
+                                           port=port, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        hub = InferenceClient(model=url)  # posts {"inputs", "parameters"} to POST /, as to TEI
+        classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
+        probabilities = reference(runs["a"], [SPAM])[0]["probabilities"]
+        logits = dict(zip(classifier.labels, classifier.logits([SPAM])[0].tolist()))
+        best = max(probabilities, key=probabilities.get)
+        # TEI answers one text with a flat list, best label first; the client returns that first entry.
+        top = hub.text_classification(SPAM)
+        assert top.label == best and top.score == pytest.approx(probabilities[best], abs=1e-5)
+        sigmoid = hub.text_classification(SPAM, function_to_apply="sigmoid", top_k=2)
+        assert sigmoid.score == pytest.approx(1 / (1 + math.exp(-logits[best])), abs=1e-5)
+        assert hub.text_classification(SPAM, function_to_apply="none").score == pytest.approx(
+            logits[best], abs=1e-4
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_serve_refuses_bad_runs_busy_ports_and_duplicates(runs, tmp_path, capsys):

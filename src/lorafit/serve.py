@@ -1,4 +1,6 @@
-"""`lorafit serve`: trained runs behind an HTTP API (a superset of Hugging Face TEI's `/predict`).
+"""`lorafit serve`: trained runs behind an HTTP API (a superset of Hugging Face TEI's for a classifier:
+`/predict`, also at `POST /` and `/invocations`, `/tokenize`, `/decode`, `/info`, `/health`, `/metrics`;
+the request and answer forms are in tei.py).
 
 Texts from concurrent requests are batched dynamically: a batch runs when it holds `max_batch_size` texts
 or its oldest text has waited `max_wait_ms`, whichever comes first, and at once when no other request is
@@ -32,43 +34,21 @@ import torch
 from . import __version__
 from .allocator import release_free_memory
 from .errors import LorafitError
+from .tei import (
+    DECODE_SCHEMA,
+    PREDICT_SCHEMA,
+    TOKENIZE_SCHEMA,
+    ApiError,
+    parse_decode_request,
+    parse_predict_request,
+    parse_tokenize_request,
+    scores,
+    tei_info,
+)
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 # What `pip install 'lorafit[serve]'` adds and the server imports (module names, not package names).
 SERVE_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client")
-REQUEST_FIELDS = ("inputs", "truncate", "raw_scores", "top_k", "truncation_direction")
-# The /predict body, for /docs (the route reads the body itself, to answer every mistake in one sentence).
-PREDICT_SCHEMA = {
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "inputs": {
-            "description": "a text, a list of texts (a batch of single texts), or TEI's [[text], [text]]",
-            "oneOf": [
-                {"type": "string", "minLength": 1},
-                {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "oneOf": [
-                            {"type": "string", "minLength": 1},
-                            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
-                        ]
-                    },
-                },
-            ],  # fmt: skip
-        },
-        "truncate": {
-            "type": "boolean",
-            "default": True,
-            "description": "cut texts over the run's max length",
-        },
-        "raw_scores": {"type": "boolean", "default": False, "description": "logits instead of probabilities"},
-        "top_k": {"type": ["integer", "null"], "minimum": 1, "description": "only the k best labels"},
-        "truncation_direction": {"type": "string", "enum": ["right", "Right"]},
-    },
-    "example": {"inputs": "WINNER!! Claim your prize now", "truncate": True},
-}
 
 
 @dataclass
@@ -96,14 +76,6 @@ class ServeLimits:
             raise LorafitError(f"--timeout-s must be positive, got {self.timeout_s}")
 
 
-class ApiError(Exception):
-    """An answer other than 200: status, TEI's `error_type`, one sentence for the client."""
-
-    def __init__(self, status: int, error_type: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.error_type, self.message, self.headers = status, error_type, message, headers
-
-
 # --- loading runs ---------------------------------------------------------------------------------------
 
 
@@ -123,8 +95,9 @@ class ServedRun:
     def labels(self) -> list[str]:
         return self.classifier.labels
 
-    def encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
-        """Token ids per text, cut to the run's max length when `truncate`; else a too long text is a 422."""
+    def encode(self, texts: list[str], truncate: bool, direction: str = "right") -> list[list[int]]:
+        """Token ids per text, cut to the run's max length when `truncate` (at the end, or with `direction`
+        "left" at the start); else a too long text is a 422."""
         tokenizer, limit = self.classifier.tokenizer, self.classifier.max_length
         rows, _ = tokenizer.encode_batch(texts)
         long = [i for i, row in enumerate(rows) if len(row) > limit]
@@ -133,7 +106,7 @@ class ServedRun:
             raise ApiError(422, "validation", f"inputs[{i}] is {len(rows[i])} tokens long, over the run's "
                            f"max length {limit}; send \"truncate\": true to cut it")  # fmt: skip
         if long:  # re-encode with the tokenizer's own truncation (BERT keeps its final [SEP])
-            cut, _ = tokenizer.encode_batch([texts[i] for i in long], limit)
+            cut, _ = tokenizer.encode_batch([texts[i] for i in long], limit, direction)
             for i, row in zip(long, cut):
                 rows[i] = row
         return [row or [tokenizer.pad_id] for row in rows]  # an empty text still gets one position
@@ -271,102 +244,10 @@ def _on_shared_base(first, run_dir: str | os.PathLike, config: dict):
     )
 
 
-# --- requests -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PredictRequest:
-    texts: list[str]
-    single: bool  # `inputs` was one string: answer one list of scores, not a list of lists
-    truncate: bool = True
-    raw_scores: bool = False
-    top_k: int | None = None
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
-
-
-def parse_predict_request(body: bytes, max_client_batch: int) -> PredictRequest:
-    """Validate a /predict body; anything wrong is a 422 naming the field."""
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise ApiError(422, "validation", f"the request body is not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise ApiError(422, "validation", "the request body is not UTF-8 text (JSON is expected)") from None
-    except RecursionError:
-        raise ApiError(422, "validation", "the request body is not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ApiError(
-            422, "validation", f'the request body must be a JSON object with "inputs", got {_kind(data)}'
-        )
-    unknown = [k for k in data if k not in REQUEST_FIELDS]
-    if unknown:
-        raise ApiError(
-            422, "validation", f"unknown field {unknown[0]!r} (fields: {', '.join(REQUEST_FIELDS)})"
-        )
-    if "inputs" not in data:
-        raise ApiError(422, "validation", 'the field "inputs" is missing (a text or a list of texts)')
-    texts, single = _parse_inputs(data["inputs"], max_client_batch)
-    for name in ("truncate", "raw_scores"):
-        if not isinstance(data.get(name, False), bool):
-            raise ApiError(422, "validation", f'"{name}" must be true or false, got {_kind(data[name])}')
-    top_k = data.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ApiError(
-            422, "validation", f'"top_k" must be a whole number of at least 1 or null, got {top_k!r}'
-        )
-    direction = data.get("truncation_direction", "right")
-    if not isinstance(direction, str) or direction.lower() != "right":
-        raise ApiError(
-            422, "validation", '"truncation_direction" can only be "right" (texts are cut at the end)'
-        )
-    return PredictRequest(texts, single, data.get("truncate", True), data.get("raw_scores", False), top_k)
-
-
-def _parse_inputs(inputs, max_client_batch: int) -> tuple[list[str], bool]:
-    """`"text"`, `["t1", "t2"]` or TEI's nested `[["t1"], ["t2"]]` → (texts, single)."""
-    if isinstance(inputs, str):
-        if not inputs:
-            raise ApiError(422, "validation", '"inputs" is an empty string')
-        return [inputs], True
-    if not isinstance(inputs, list):
-        raise ApiError(
-            422, "validation", f'"inputs" must be a string or a list of strings, got {_kind(inputs)}'
-        )
-    if not inputs:
-        raise ApiError(422, "empty", '"inputs" is an empty list')
-    if len(inputs) > max_client_batch:
-        raise ApiError(422, "validation", f"\"inputs\" holds {len(inputs):,} texts; this server takes at most "
-                       f"{max_client_batch} per request (--max-client-batch)")  # fmt: skip
-    texts = []
-    for i, item in enumerate(inputs):
-        if isinstance(item, list):  # TEI's form: each input a list of texts (a pair for pair classifiers)
-            if len(item) != 1:
-                raise ApiError(422, "validation", f"inputs[{i}] holds {len(item)} texts; lorafit classifies "
-                               "single texts, so a nested input must be a list of one text")  # fmt: skip
-            item = item[0]
-        if not isinstance(item, str):
-            raise ApiError(422, "validation", f"inputs[{i}] must be a string, got {_kind(item)}")
-        if not item:
-            raise ApiError(422, "validation", f"inputs[{i}] is an empty string")
-        texts.append(item)
-    return texts, False
-
-
 def batch_scores(logits: torch.Tensor) -> list[tuple[list[float], list[float]]]:
     """Per text of a batch, its logits and its softmax probabilities (in float64) as Python lists: computed
     once per batch on the inference thread, so that the event loop only ranks them."""
     return list(zip(logits.tolist(), torch.softmax(logits.double(), dim=-1).tolist()))
-
-
-def scores(text_scores: tuple[list[float], list[float]], labels: list[str], raw: bool, top_k: int | None):
-    """One text's `[{"label", "score"}]`, highest first: probabilities, or the logits when `raw`."""
-    ranked = sorted(zip(labels, text_scores[0] if raw else text_scores[1]), key=lambda pair: -pair[1])
-    return [{"label": label, "score": score} for label, score in ranked[:top_k]]
 
 
 # --- dynamic batching -----------------------------------------------------------------------------------
@@ -560,9 +441,11 @@ class Metrics:
 
 def _route(path: str) -> str:
     """A bounded route label for the metrics (a path with a run name becomes its template)."""
-    if path.startswith("/predict/"):
-        return "/predict/{name}"
-    known = ("/", "/predict", "/health", "/info", "/metrics", "/docs", "/openapi.json")
+    for route in ("/predict/", "/tokenize/", "/decode/"):
+        if path.startswith(route):
+            return route + "{name}"
+    known = ("/", "/predict", "/invocations", "/tokenize", "/decode", "/health", "/ping", "/info", "/metrics",
+             "/docs", "/openapi.json")  # fmt: skip
     return path if path in known else "other"
 
 
@@ -694,15 +577,15 @@ class ServerState:
         if not self.ready:
             raise ApiError(503, "unhealthy", self.failure or "the model is still loading; retry shortly")
 
-    def run_named(self, name: str | None) -> ServedRun:
-        """The run a /predict call names (None: the only one); 404 naming the runs otherwise."""
+    def run_named(self, name: str | None, route: str = "/predict") -> ServedRun:
+        """The run a call names (None: the only one); 404 naming the runs otherwise."""
         self.require_ready()
         names = ", ".join(self.runs)
         if name is None:
             if len(self.runs) == 1:
                 return next(iter(self.runs.values()))
             raise ApiError(
-                404, "not_found", f"this server has several runs: POST /predict/NAME (runs: {names})"
+                404, "not_found", f"this server has several runs: POST {route}/NAME (runs: {names})"
             )
         if name not in self.runs:
             raise ApiError(404, "not_found", f"no run named {name!r} (runs: {names})")
@@ -718,20 +601,46 @@ class ServerState:
         with self.batcher.arrival():
             body = await _read_body(request, limits.max_body_bytes)
             parsed = parse_predict_request(body, limits.max_client_batch)
-            loop = asyncio.get_running_loop()
+            loop, tokenizing = asyncio.get_running_loop(), time.perf_counter()
             rows = await loop.run_in_executor(
-                self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate
+                self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate, parsed.direction
             )
         queued = time.perf_counter()
         results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
         # A request's texts may span batches: its inference time is that of each distinct batch, once.
         inference = sum({(begin, seconds): seconds for _, begin, seconds in results}.values())
-        answer = [scores(values, run.labels, parsed.raw_scores, parsed.top_k) for values, _, _ in results]
+        answer = [scores(values, run.labels, parsed.function, parsed.top_k) for values, _, _ in results]
         now = time.perf_counter()
         headers = {"x-total-time": f"{(now - start) * 1000:.2f}",
+                   "x-tokenization-time": f"{(queued - tokenizing) * 1000:.2f}",
                    "x-queue-time": f"{max(now - queued - inference, 0) * 1000:.2f}",
-                   "x-inference-time": f"{inference * 1000:.2f}"}  # fmt: skip
+                   "x-inference-time": f"{inference * 1000:.2f}",
+                   "x-compute-characters": str(sum(len(text) for text in parsed.texts)),
+                   "x-compute-tokens": str(sum(len(row) for row in rows))}  # fmt: skip
         return JSONResponse(answer[0] if parsed.single else answer, headers=headers)
+
+    async def tokenize(self, request, name: str | None) -> list[list[dict]]:
+        """One /tokenize call: each text's tokens with their character offsets (TEI's answer: one list per
+        text), on the tokenizer thread."""
+        _authorize(request, self.limits.api_key)
+        run = self.run_named(name, "/tokenize")
+        body = await _read_body(request, self.limits.max_body_bytes)
+        texts, special = parse_tokenize_request(body, self.limits.max_client_batch)
+        tokenizer = run.classifier.tokenizer
+        return await asyncio.get_running_loop().run_in_executor(
+            self.batcher.tokenizer, lambda: [tokenizer.tokens(text, special) for text in texts]
+        )
+
+    async def decode(self, request, name: str | None) -> list[str]:
+        """One /decode call: the text of each list of token ids."""
+        _authorize(request, self.limits.api_key)
+        run = self.run_named(name, "/decode")
+        body = await _read_body(request, self.limits.max_body_bytes)
+        tokenizer = run.classifier.tokenizer
+        batch, skip = parse_decode_request(body, self.limits.max_client_batch, tokenizer.vocab_size)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.batcher.tokenizer, lambda: [tokenizer.decode(ids, skip) for ids in batch]
+        )
 
 
 def inference_thread() -> ThreadPoolExecutor:
@@ -815,21 +724,59 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
 
 
 def _add_routes(app, state: ServerState) -> None:
+    """TEI's routes for a classifier: /predict (also `POST /` and SageMaker's `/invocations`, for the only
+    run; `/predict/NAME` for each), /tokenize and /decode (the same by name), and the service routes."""
+    from fastapi import Request
+
+    def body(schema: dict) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    async def predict_default(request: Request):
+        return await state.predict(request, None)
+
+    for path in ("/predict", "/", "/invocations"):
+        summary = "Classify texts (the only run)" + ("" if path == "/predict" else ": the same as /predict")
+        app.add_api_route(path, predict_default, methods=["POST"], openapi_extra=body(PREDICT_SCHEMA),
+                          summary=summary, operation_id=f"predict{path.replace('/', '_')}")  # fmt: skip
+
+    @app.post(
+        "/predict/{name}", openapi_extra=body(PREDICT_SCHEMA), summary="Classify texts with the run NAME"
+    )
+    async def predict_run(request: Request, name: str):
+        return await state.predict(request, name)
+
+    @app.post("/tokenize", openapi_extra=body(TOKENIZE_SCHEMA), summary="Tokens with offsets (the only run)")
+    async def tokenize_default(request: Request):
+        return await state.tokenize(request, None)
+
+    @app.post(
+        "/tokenize/{name}",
+        openapi_extra=body(TOKENIZE_SCHEMA),
+        summary="Tokens with the run NAME's tokenizer",
+    )
+    async def tokenize_run(request: Request, name: str):
+        return await state.tokenize(request, name)
+
+    @app.post("/decode", openapi_extra=body(DECODE_SCHEMA), summary="Token ids to text (the only run)")
+    async def decode_default(request: Request):
+        return await state.decode(request, None)
+
+    @app.post(
+        "/decode/{name}", openapi_extra=body(DECODE_SCHEMA), summary="Token ids to text, the run NAME's"
+    )
+    async def decode_run(request: Request, name: str):
+        return await state.decode(request, name)
+
+    _add_service_routes(app, state)
+
+
+def _add_service_routes(app, state: ServerState) -> None:
+    """/health (and SageMaker's /ping), /info, /metrics and the page."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     limits = state.limits
-    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}}
 
-    @app.post("/predict", openapi_extra=body, summary="Classify texts (the only run)")
-    async def predict_default(request: Request):
-        return await state.predict(request, None)
-
-    @app.post("/predict/{name}", openapi_extra=body, summary="Classify texts with the run NAME")
-    async def predict_run(request: Request, name: str):
-        return await state.predict(request, name)
-
-    @app.get("/health", summary="200 when every run is loaded and the worker is alive, else 503")
     async def health():
         if state.ready and state.batcher.alive():
             return {"status": "ok"}
@@ -837,7 +784,11 @@ def _add_routes(app, state: ServerState) -> None:
         answer = {"status": "unavailable", "error": reason, "error_type": "unhealthy"}
         return JSONResponse(answer, status_code=503)
 
-    @app.get("/info", summary="The runs served, with their models, labels and limits")
+    summary = "200 when every run is loaded and the worker is alive, else 503"
+    app.add_api_route("/health", health, methods=["GET"], summary=summary)
+    app.add_api_route("/ping", health, methods=["GET"], summary="The same as /health (SageMaker's route)")
+
+    @app.get("/info", summary="The runs served, with their models, labels and limits (and TEI's fields)")
     async def info(request: Request):
         _authorize(request, limits.api_key)
         state.require_ready()
@@ -849,8 +800,10 @@ def _add_routes(app, state: ServerState) -> None:
             "max_client_batch",
             "max_body_bytes",
         )
-        return {"lorafit_version": __version__, "auth": limits.api_key is not None,
-                "runs": [run.info() for run in state.runs.values()],
+        runs = list(state.runs.values())
+        tei = tei_info(runs[0], limits, __version__) if len(runs) == 1 else {}
+        return {**tei, "lorafit_version": __version__, "auth": limits.api_key is not None,
+                "runs": [run.info() for run in runs],
                 "limits": {k: getattr(limits, k) for k in shown}}  # fmt: skip
 
     @app.get("/metrics", summary="Prometheus metrics")

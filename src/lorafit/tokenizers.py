@@ -1,7 +1,9 @@
 """Tokenizers behind one small interface: GPT-2 BPE (tiktoken) and `tokenizer.json` (HF tokenizers).
 
-Both expose `encode_batch(texts, max_length) -> (ids per text, how many texts were truncated)`
-(special tokens added, each row cut to `max_length`), `encode(text)` and `pad_id`.
+Both expose `encode_batch(texts, max_length, direction) -> (ids per text, how many texts were truncated)`
+(special tokens added, each row cut to `max_length` at its end, or at its start with `direction="left"`),
+`encode(text)`, `pad_id`, and for the server's /tokenize and /decode `tokens(text)`, `decode(ids)` and
+`vocab_size`.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class GPT2Tokenizer:
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         return self.encode_batch([text], max_length)[0][0]
 
-    def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
+    def encode_batch(
+        self, texts: list[str], max_length: int | None = None, direction: str = "right"
+    ) -> tuple[list[list[int]], int]:
         texts = list(texts)
         if len(texts) < 64:  # tiktoken's batch call starts a thread pool each time: costlier than a few texts
             batch = [self.encoding.encode_ordinary(text) for text in texts]
@@ -91,7 +95,34 @@ class GPT2Tokenizer:
             batch = self.encoding.encode_ordinary_batch(texts, num_threads=2)
         if not max_length:
             return batch, 0
-        return [ids[:max_length] for ids in batch], sum(len(ids) > max_length for ids in batch)
+        kept = [ids[-max_length:] if direction == "left" else ids[:max_length] for ids in batch]
+        return kept, sum(len(ids) > max_length for ids in batch)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def tokens(self, text: str, add_special_tokens: bool = True) -> list[dict]:
+        """The text's tokens as `{"id", "text", "special", "start", "stop"}` (character offsets; GPT-2 adds no
+        special tokens). A token holding only part of a character's bytes (an emoji is often split in
+        two) covers that whole character."""
+        ids = self.encoding.encode_ordinary(text)
+        decoded, starts = self.encoding.decode_with_offsets(ids)  # decoded == text for any valid text
+        stops, stop = [0] * len(ids), len(decoded)
+        for i in range(len(ids) - 1, -1, -1):
+            if i + 1 < len(ids) and starts[i + 1] > starts[i]:
+                stop = starts[i + 1]
+            stops[i] = stop
+        return [
+            {"id": i, "text": decoded[a:b], "special": False, "start": a, "stop": b}
+            for i, a, b in zip(ids, starts, stops)
+        ]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids (<|endoftext|> dropped when `skip_special_tokens`)."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i != GPT2_EOT]
+        return self.encoding.decode(ids)
 
     def describe(self) -> dict:
         return {"kind": "gpt2"}
@@ -121,19 +152,40 @@ class HFTokenizer:
                 break
         self.pad_id = padding if padding is not None else 0
 
-    def _truncate(self, max_length: int | None) -> None:
+    def _truncate(self, max_length: int | None, direction: str = "right") -> None:
         if max_length:
-            self.tokenizer.enable_truncation(max_length=max_length)
+            self.tokenizer.enable_truncation(max_length=max_length, direction=direction)
         else:
             self.tokenizer.no_truncation()
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         return self.encode_batch([text], max_length)[0][0]
 
-    def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[list[list[int]], int]:
-        self._truncate(max_length)
+    def encode_batch(
+        self, texts: list[str], max_length: int | None = None, direction: str = "right"
+    ) -> tuple[list[list[int]], int]:
+        self._truncate(max_length, direction)
         encodings = self.tokenizer.encode_batch(list(texts))
         return [e.ids for e in encodings], sum(bool(e.overflowing) for e in encodings)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def tokens(self, text: str, add_special_tokens: bool = True) -> list[dict]:
+        """The text's tokens as `{"id", "text", "special", "start", "stop"}`: character offsets into the
+        text, and for a special token ([CLS], </s>, ...) its own text and no offsets, as TEI's /tokenize."""
+        self._truncate(None)
+        e = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return [
+            {"id": i, "text": token, "special": True, "start": None, "stop": None}
+            if special
+            else {"id": i, "text": text[a:b], "special": False, "start": a, "stop": b}
+            for i, token, special, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)
+        ]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def describe(self) -> dict:
         return {"kind": "tokenizer.json", "path": str(self.file)}
