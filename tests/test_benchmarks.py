@@ -253,3 +253,21 @@ def test_openblas_linear_computes_what_torch_does_and_the_smoke_run_prints_a_rou
     out = capsys.readouterr().out
     assert "SMOKE" in out and len([line for line in out.splitlines() if line.startswith("| 0 |")]) == 1, out
     assert F.linear is openblas_step.torch_linear  # put back after the run
+
+
+def test_serve_goals_name_only_the_rows_a_run_measured() -> None:
+    pytest.importorskip("httpx")
+    import serve as serve_bench
+
+    def row(concurrency: int, texts_per_s: float, p50: float) -> dict:
+        return {"concurrency": concurrency, "texts_per_request": 1, "texts_per_s": texts_per_s, "errors": 0,
+                "p50_ms": p50, "p99_ms": 2 * p50}  # fmt: skip
+
+    only_32 = {"load": {"lorafit": [row(32, 160.0, 190.0)], "naive (--max-batch-size 1)": [row(32, 40.0, 590.0)]},
+               "bare_predict": {"p50_ms": 14.0}}  # fmt: skip
+    (line,) = serve_bench.goals(only_32, 5.0)
+    assert line.startswith("c=32 texts/s vs naive: 4.00x")
+    only_1 = {"load": {"lorafit": [row(1, 50.0, 20.0)]}, "bare_predict": {"p50_ms": 14.0}}
+    assert serve_bench.goals(only_1, 5.0) == [
+        "c=1 p50 20.0 ms vs bare predict 14.0 ms + 5 ms wait: overhead 1.0 ms (goal <= 2)"
+    ]
