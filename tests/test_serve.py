@@ -329,6 +329,37 @@ def test_api_key_protects_predict_and_info_but_not_health_or_metrics(runs):
         client.__exit__(None, None, None)
 
 
+def test_cors_lets_only_the_named_origins_call_from_a_browser(runs):
+    origin = "http://localhost:3000"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, authorization"}  # fmt: skip
+    plain = started(create_app({"a": runs["a"]}, precision="fp32"))
+    try:  # by default no other origin's page may call it: no CORS headers
+        answer = plain.post("/predict", json={"inputs": HAM}, headers={"Origin": origin})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        assert "access-control-allow-origin" not in plain.options("/predict", headers=preflight).headers
+    finally:
+        plain.__exit__(None, None, None)
+    limits = ServeLimits(cors_allow_origin=(origin,), api_key="s3cret")
+    client = started(create_app({"a": runs["a"]}, precision="fp32", limits=limits))
+    try:
+        allowed = client.options("/predict", headers=preflight)  # answered before the key is checked
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+        answer = client.post("/predict", json={"inputs": HAM},
+                             headers={"Origin": origin, "Authorization": "Bearer s3cret"})  # fmt: skip
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert "x-inference-time" in answer.headers["access-control-expose-headers"]
+        other = client.options("/predict", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    finally:
+        client.__exit__(None, None, None)
+    for bad in ("localhost:3000", "http://localhost:3000/app", "ftp://x"):
+        with pytest.raises(LorafitError, match="an origin is scheme://host"):
+            ServeLimits(cors_allow_origin=(bad,)).check()
+    ServeLimits(cors_allow_origin=("*", "https://example.org:8443")).check()
+
+
 def test_health_is_503_while_loading_and_after_the_worker_dies(runs, monkeypatch):
     import lorafit.serve as serve
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -47,6 +48,9 @@ from .tei import (
 )
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+# TEI's answer headers after `x-` (what a page of another origin may read when CORS allows it)
+TIMING_HEADERS = ("total-time", "tokenization-time", "queue-time", "inference-time", "compute-characters",
+                  "compute-tokens")  # fmt: skip
 # What `pip install 'lorafit[serve]'` adds and the server imports (module names, not package names).
 SERVE_MODULES = ("fastapi", "fastapi_offline", "uvicorn", "prometheus_client")
 
@@ -61,7 +65,9 @@ class ServeLimits:
     timeout_s: float = 30.0  # a request waiting longer gets 504 (and shutdown waits this long)
     max_client_batch: int = 256  # texts per request
     max_body_bytes: int = 2_000_000
-    api_key: str | None = None  # when set, /predict and /info need `Authorization: Bearer KEY`
+    api_key: str | None = None  # when set, the model's routes and /info need `Authorization: Bearer KEY`
+    # Web pages of these origins (scheme://host[:port], or * for any) may call the API from a browser
+    cors_allow_origin: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Refuse limits that cannot work, naming the option."""
@@ -74,6 +80,12 @@ class ServeLimits:
             raise LorafitError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
         if not self.timeout_s > 0:
             raise LorafitError(f"--timeout-s must be positive, got {self.timeout_s}")
+        for origin in self.cors_allow_origin:
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path
+                                  or parts.query or parts.fragment):  # fmt: skip
+                raise LorafitError(f"--cors-allow-origin {origin!r}: an origin is scheme://host[:port] "
+                                   "(e.g. http://localhost:3000, no path), or * for any")  # fmt: skip
 
 
 # --- loading runs ---------------------------------------------------------------------------------------
@@ -719,6 +731,12 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
         return _error_response(ApiError(e.status_code, kind, message))
 
     _add_routes(app, state)
+    if limits.cors_allow_origin:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(limits.cors_allow_origin),
+                           allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"],
+                           expose_headers=[f"x-{name}" for name in TIMING_HEADERS])  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
 
