@@ -159,7 +159,7 @@ def test_long_text_is_truncated_by_default(client, runs):
     assert_same_scores(answer.json(), reference(runs["a"], [long])[0])  # predict truncates the same way
 
 
-def test_left_truncation_keeps_a_long_texts_end(client, runs):
+def test_left_truncation_keeps_a_long_texts_end(client, runs, capsys):
     classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
     tokenizer, limit = classifier.tokenizer, classifier.max_length
     long = "see you later at home for dinner ok " * 20 + SPAM
@@ -172,6 +172,15 @@ def test_left_truncation_keeps_a_long_texts_end(client, runs):
     right = client.post("/predict", json={"inputs": long, "truncation_direction": "Right"}).json()
     assert_same_scores(right, reference(runs["a"], [long])[0])
     assert right != left.json()
+    # `lorafit predict --truncation-direction left` and the Python API cut the same way.
+    code, out, err = run_main(["predict", "--run", runs["a"], "--truncation-direction", "left", "--json", long],
+                              capsys)  # fmt: skip
+    assert code == 0, err
+    assert_same_scores(left.json(), json.loads(out))
+    kept_end = load_classifier(runs["a"], device="cpu", precision="fp32", truncation_direction="left")
+    assert_same_scores(left.json(), kept_end.predict([long])[0])
+    with pytest.raises(LorafitError, match="truncation direction must be right or left, got 'up'"):
+        load_classifier(runs["a"], truncation_direction="up")
 
 
 def test_tei_routes_headers_parameters_and_info(client, runs):

@@ -334,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}"
             )
     device = distributed.init(args.device) if distributed.launched_by_torchrun() else args.device
-    classifier = load_classifier(args.run, device=device)
+    classifier = load_classifier(args.run, device=device, truncation_direction=args.truncation_direction)
     for text, result in zip(args.texts, classifier.predict(args.texts, progress=len(args.texts) > 256)):
         if args.json:
             print(json.dumps({"text": text, **result}))
@@ -564,6 +564,9 @@ def _predict_parser(sub) -> None:
     p.add_argument("--chunk-rows", type=int, default=4096,
                    help="rows of --file read, classified and written at a time (default 4096)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines: text, label, probabilities")
+    p.add_argument("--truncation-direction", choices=("right", "left"), default="right",
+                   help="where a text over the run's max length is cut: right (default) keeps its start, left "
+                        "its end (as the server's truncation_direction)")  # fmt: skip
     p.add_argument("--device", default="auto")
     add_streams_option(p)
     add_malloc_option(p)

@@ -610,22 +610,23 @@ def validate_train_config(config: TrainConfig) -> None:
 
 
 class Classifier:
-    """A trained classifier ready to predict: `predict(texts)` → one dict per text."""
+    """A trained classifier ready to predict: `predict(texts)` → one dict per text. A text over `max_length`
+    tokens is cut at its end, or with `truncation_direction="left"` at its start (keeping its end)."""
 
-    def __init__(
-        self, model: SequenceClassifier, tokenizer, labels: list[str], max_length: int, device, precision
-    ):
+    def __init__(self, model: SequenceClassifier, tokenizer, labels: list[str], max_length: int, device, precision,
+                 truncation_direction: str = "right"):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_length = max_length
         self.device = device
         self.precision = precision
+        self.truncation_direction = truncation_direction
 
     def logits(
         self, texts: list[str], batch_size: int = INFERENCE_BATCH_SIZE, progress: bool = False
     ) -> torch.Tensor:
-        rows, _ = self.tokenizer.encode_batch(list(texts), self.max_length)
+        rows, _ = self.tokenizer.encode_batch(list(texts), self.max_length, self.truncation_direction)
         rows = [r or [self.tokenizer.pad_id] for r in rows]  # an empty text still gets one position
         return predict_logits(
             self.model, rows, pad_id=self.tokenizer.pad_id, batch_size=batch_size, device=self.device,
@@ -653,10 +654,13 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     )
 
 
-def load_classifier(
-    run_dir: str | os.PathLike, device: str = "auto", precision: str | None = None, merge: bool = True
-) -> Classifier:
-    """Rebuild the classifier of a run directory: base model + adapter (LoRA merged for fast inference)."""
+def load_classifier(run_dir: str | os.PathLike, device: str = "auto", precision: str | None = None,
+                    merge: bool = True, truncation_direction: str = "right") -> Classifier:  # fmt: skip
+    """Rebuild the classifier of a run directory: base model + adapter (LoRA merged for fast inference).
+    `truncation_direction`: where a text over the run's max length is cut (`right`: its end; `left`: its
+    start, keeping the end)."""
+    if truncation_direction not in ("right", "left"):
+        raise LorafitError(f"truncation direction must be right or left, got {truncation_direction!r}")
     cap_kernel_cache()
     config = read_run_config(run_dir)
     spec = ModelSpec.from_dict(config["model"])
@@ -679,9 +683,8 @@ def load_classifier(
         merge_lora(model)
     if precision == "bf16":
         cast_for_inference(model)
-    return Classifier(
-        model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision
-    )
+    return Classifier(model, build_tokenizer(spec), config["labels"], config["max_length"], torch_device, precision,
+                      truncation_direction)  # fmt: skip
 
 
 def evaluate_run(
