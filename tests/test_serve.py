@@ -369,6 +369,46 @@ def test_cors_lets_only_the_named_origins_call_from_a_browser(runs):
     ServeLimits(cors_allow_origin=("*", "https://example.org:8443")).check()
 
 
+def test_request_logs_name_each_request_its_run_and_its_error(client, runs, capsys):
+    import re
+
+    from lorafit.serve import request_log_line
+
+    capsys.readouterr()
+    client.post("/predict", json={"inputs": SPAM})
+    assert capsys.readouterr().out == ""  # off by default
+    logged = started(create_app({"a": runs["a"]}, precision="fp32", limits=ServeLimits(log_requests="json")))
+    try:
+        capsys.readouterr()
+        logged.post("/predict", json={"inputs": [SPAM, HAM]})
+        logged.post("/predict", json={"inputs": ""})
+        logged.get("/health")
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finally:
+        logged.__exit__(None, None, None)
+    ok, bad, health = lines
+    tokenizer = load_classifier(runs["a"], device="cpu", precision="fp32").tokenizer
+    assert (ok["method"], ok["path"], ok["status"], ok["run"], ok["texts"]) == (
+        "POST",
+        "/predict",
+        200,
+        "a",
+        2,
+    )
+    assert ok["tokens"] == len(tokenizer.encode(SPAM)) + len(tokenizer.encode(HAM)) and ok["ms"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok["time"]) and ok["client"]
+    assert bad["status"] == 422 and bad["error"] == '"inputs" is an empty string' and "run" not in bad
+    assert (health["path"], health["status"]) == ("/health", 200)
+    scope = {"method": "POST", "path": "/predict/a", "client": ("127.0.0.1", 50000),
+             "state": {"lorafit_log": {"run": "a", "texts": 2, "error": "inputs[1] is an empty string"}}}  # fmt: skip
+    line = request_log_line(scope, 422, 0.0187, "text")
+    assert line.endswith(
+        ' 127.0.0.1 POST /predict/a 422 18.7 ms run="a" texts=2 error="inputs[1] is an empty string"'
+    )
+    with pytest.raises(LorafitError, match="--log-requests must be one of off, text, json"):
+        ServeLimits(log_requests="yes").check()
+
+
 def test_health_is_503_while_loading_and_after_the_worker_dies(runs, monkeypatch):
     import lorafit.serve as serve
 

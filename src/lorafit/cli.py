@@ -359,7 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         timeout_s=args.timeout_s, max_client_batch=args.max_client_batch, max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
-        cors_allow_origin=tuple(args.cors_allow_origin or ()),
+        cors_allow_origin=tuple(args.cors_allow_origin or ()), log_requests=args.log_requests,
     )  # fmt: skip
     limits.check()
     runs = parse_run_specs(args.run)
@@ -596,6 +596,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--cors-allow-origin", action="append", metavar="ORIGIN",
                    help="let web pages of ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser; repeatable (default: none, only the page the server ships)")  # fmt: skip
+    p.add_argument("--log-requests", choices=("off", "text", "json"), default="off",
+                   help="one line per request on standard output: time, client, method, path, status, ms, run, "
+                        "texts, tokens or the error (default off)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else fp32")  # fmt: skip

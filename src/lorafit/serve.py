@@ -48,6 +48,7 @@ from .tei import (
 )
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+REQUEST_LOGS = ("off", "text", "json")
 # TEI's answer headers after `x-` (what a page of another origin may read when CORS allows it)
 TIMING_HEADERS = ("total-time", "tokenization-time", "queue-time", "inference-time", "compute-characters",
                   "compute-tokens")  # fmt: skip
@@ -68,6 +69,7 @@ class ServeLimits:
     api_key: str | None = None  # when set, the model's routes and /info need `Authorization: Bearer KEY`
     # Web pages of these origins (scheme://host[:port], or * for any) may call the API from a browser
     cors_allow_origin: tuple[str, ...] = ()
+    log_requests: str = "off"  # one line per request on standard output: off, text or json
 
     def check(self) -> None:
         """Refuse limits that cannot work, naming the option."""
@@ -80,6 +82,10 @@ class ServeLimits:
             raise LorafitError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
         if not self.timeout_s > 0:
             raise LorafitError(f"--timeout-s must be positive, got {self.timeout_s}")
+        if self.log_requests not in REQUEST_LOGS:
+            raise LorafitError(
+                f"--log-requests must be one of {', '.join(REQUEST_LOGS)}, got {self.log_requests!r}"
+            )
         for origin in self.cors_allow_origin:
             parts = urlsplit(origin)
             if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path
@@ -462,10 +468,11 @@ def _route(path: str) -> str:
 
 
 class MetricsMiddleware:
-    """Counts every answer by route and status, and times it (plain ASGI: nothing buffered)."""
+    """Counts every answer by route and status, and times it (plain ASGI: nothing buffered); with
+    `log_requests` text or json, also writes one line per request (`request_log_line`)."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, log_requests: str = "off", log=print):
+        self.app, self.metrics, self.log_requests, self.log = app, metrics, log_requests, log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -480,9 +487,30 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_counted)
         finally:
-            route = _route(scope["path"])
+            route, seconds = _route(scope["path"]), time.perf_counter() - start
             self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(route).observe(seconds)
+            if self.log_requests != "off":
+                self.log(request_log_line(scope, status[0], seconds, self.log_requests), flush=True)
+
+
+def request_log_line(scope, status: int, seconds: float, form: str) -> str:
+    """One request's log line: UTC time, client, method, path, status, milliseconds, and what the route
+    noted in the request's state (`lorafit_log`: run, texts, tokens; or the error's sentence)."""
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    client = scope.get("client") or ("-", 0)
+    record = {"time": when, "client": client[0], "method": scope["method"], "path": scope["path"],
+              "status": status, "ms": round(seconds * 1000, 2), **scope.get("state", {}).get("lorafit_log", {})}  # fmt: skip
+    if form == "json":
+        return json.dumps(record, ensure_ascii=False)
+    extra = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+                     for k, v in list(record.items())[6:])  # fmt: skip
+    head = (
+        f"{record['time']} {record['client']} {record['method']} {record['path']} {status} {record['ms']} ms"
+    )
+    return f"{head} {extra}".rstrip()
 
 
 def _error_response(e: ApiError):
@@ -618,6 +646,8 @@ class ServerState:
                 self.batcher.tokenizer, run.encode, parsed.texts, parsed.truncate, parsed.direction
             )
         queued = time.perf_counter()
+        noted = {"run": run.name, "texts": len(rows), "tokens": sum(len(row) for row in rows)}
+        request.scope.setdefault("state", {}).setdefault("lorafit_log", {}).update(noted)
         results = await _wait_for(request, self.batcher.submit(run.name, rows), limits.timeout_s)
         # A request's texts may span batches: its inference time is that of each distinct batch, once.
         inference = sum({(begin, seconds): seconds for _, begin, seconds in results}.values())
@@ -628,7 +658,7 @@ class ServerState:
                    "x-queue-time": f"{max(now - queued - inference, 0) * 1000:.2f}",
                    "x-inference-time": f"{inference * 1000:.2f}",
                    "x-compute-characters": str(sum(len(text) for text in parsed.texts)),
-                   "x-compute-tokens": str(sum(len(row) for row in rows))}  # fmt: skip
+                   "x-compute-tokens": str(noted["tokens"])}  # fmt: skip
         return JSONResponse(answer[0] if parsed.single else answer, headers=headers)
 
     async def tokenize(self, request, name: str | None) -> list[list[dict]]:
@@ -721,6 +751,7 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
+        request.scope.setdefault("state", {}).setdefault("lorafit_log", {})["error"] = e.message
         return _error_response(e)
 
     @app.exception_handler(HTTPException)
@@ -737,7 +768,7 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
         app.add_middleware(CORSMiddleware, allow_origins=list(limits.cors_allow_origin),
                            allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"],
                            expose_headers=[f"x-{name}" for name in TIMING_HEADERS])  # fmt: skip
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, log_requests=limits.log_requests)
     return app
 
 
