@@ -135,6 +135,8 @@ def test_eval_and_predict_bad_input(bad_files, tiny_gpt2_dir, capsys):
         (["predict", "--run", str(run), "--file", str(bad_files / "missing.txt")], "--file"),
         (["predict", "--run", str(run), "--file", str(bad_files / "latin1.tsv")], "latin1.tsv: line 2: not valid utf-8 text; if the file is Latin-1, pass --encoding latin-1"),
         (["export", "--run", str(run), "--format", "onnx", "--out", str(bad_files / "x")], "argument --format: invalid choice"),
+        # what a shell passes for a byte that is not UTF-8 (Python keeps it as a lone surrogate)
+        (["predict", "--run", str(run), "ok", "bad \udcff text"], "text argument 2 holds the byte 0xff at character 4, which is not UTF-8 text"),
     ):  # fmt: skip
         code, _, stderr = run_main(argv, capsys)
         assert_one_line_error(code, stderr, fragment)

@@ -132,6 +132,27 @@ def test_bad_json_is_one_line_naming_the_line(tmp_path, content, message):
     assert "\n" not in str(info.value)
 
 
+def test_json_with_an_unpaired_surrogate_escape_names_its_line_and_field(tmp_path):
+    from lorafit.data import read_text_chunks
+
+    # \ud83d\ude00 is a pair (an emoji): text; a lone \ud800 is valid JSON but no text a tokenizer can read.
+    good = read_table(write(tmp_path / "a.jsonl", '{"text": "hi \\ud83d\\ude00", "label": "x"}\n'))
+    assert good.texts == ["hi \U0001f600"]
+    bad = '{"text": "ok", "label": "x"}\n{"text": "bad \\ud800 x", "label": "y"}\n'
+    message = r"line 2: the field 'text' holds an unpaired surrogate \(\\ud800 at character 4\), which is not Unicode"
+    with pytest.raises(LorafitError, match=r"b\.jsonl: " + message):
+        read_table(write(tmp_path / "b.jsonl", bad))
+    with pytest.raises(LorafitError, match=r"c\.json: line 3: the field 'label' holds an unpaired surrogate"):
+        read_table(
+            write(
+                tmp_path / "c.json", '[{"text": "ok", "label": "x"},\n\n {"text": "a", "label": "\\udfff"}]'
+            )
+        )
+    _, _, chunks = read_text_chunks(write(tmp_path / "d.jsonl", bad))
+    with pytest.raises(LorafitError, match=r"d\.jsonl: " + message):
+        list(chunks)
+
+
 def test_streamed_json_and_semicolon_csv(tmp_path):
     from lorafit.data import read_text_chunks
 

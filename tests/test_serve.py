@@ -117,6 +117,18 @@ BAD_REQUESTS = [
     ({"inputs": []}, 422, "empty", '"inputs" is an empty list'),
     ({"inputs": ["ok", 5]}, 422, "validation", "inputs[1] must be a string, got a number"),
     ({"inputs": ["ok", ""]}, 422, "validation", "inputs[1] is an empty string"),
+    (
+        b'{"inputs": "bad \\ud800 x"}',
+        422,
+        "validation",
+        '"inputs" holds an unpaired surrogate (\\ud800 at character 4)',
+    ),
+    (
+        b'{"inputs": ["ok", "\\udc00"]}',
+        422,
+        "validation",
+        "inputs[1] holds an unpaired surrogate (\\udc00 at",
+    ),
     ({"inputs": [["a", "b"]]}, 422, "validation", "inputs[0] holds 2 texts"),
     ({"inputs": ["x"] * 300}, 422, "validation", "at most 256 per request"),
     ({"inputs": "ok", "truncate": "yes"}, 422, "validation", '"truncate" must be true or false'),
@@ -281,6 +293,10 @@ def test_a_tokenizer_json_gives_tei_tokens_decodes_and_truncates_from_the_left(t
     assert hf.encode_batch(["win cash now ok"], 4) == ([[0, 4, 5, 2]], 1)
     assert hf.vocab_size == 8
     assert hf.encode("win cash now ok") == [0, 4, 5, 6, 7, 2]  # tokens() left no truncation behind
+    with pytest.raises(
+        LorafitError, match=r"text 2 of 2 holds an unpaired surrogate \(\\ud800 at character 4\)"
+    ):
+        hf.encode_batch(["ok", "bad \ud800"])
 
 
 def test_limits_body_size_queue_timeout_and_routes(runs):

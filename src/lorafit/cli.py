@@ -321,6 +321,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         )
     if args.format and not args.file:
         raise LorafitError("--format says how to read --file; give --file IN (or - for standard input)")
+    _refuse_undecodable_arguments(args.texts)
     stdin = args.file == STDIN
     if stdin and distributed.launched_by_torchrun():
         raise LorafitError("--file - (standard input) needs a single process; under torchrun give a file")
@@ -364,6 +365,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits.check()
     runs = parse_run_specs(args.run)
     serve(runs, limits, host=args.host, port=args.port, device=args.device, precision=args.precision)
+
+
+def _refuse_undecodable_arguments(texts: list[str]) -> None:
+    """A text argument with bytes that are not UTF-8 (Python keeps them as lone surrogates) names its byte."""
+    from .tokenizers import unpaired_surrogate
+
+    for i, text in enumerate(texts, start=1):
+        if (at := unpaired_surrogate(text)) is not None:
+            code = ord(text[at])
+            byte = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+            raise LorafitError(f"text argument {i} holds {byte} at character {at}, which is not UTF-8 text")
 
 
 def _earlier_import(path) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.errors import LorafitError
+from lorafit.tokenizers import surrogate_problem, unpaired_surrogate
 
 # The UCI original first, then the mirror the reference lab (LLMs-from-scratch ch06) falls back to.
 SMS_SPAM_URLS = [
@@ -60,6 +61,8 @@ SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json, each also gzipped (.csv.gz, ...)
 CSV_DELIMITERS = (",", ";", "\t")
 CSV_SAMPLE_ROWS = 20
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# A \\uXXXX escape of a UTF-16 surrogate: where one is, an unpaired one may be (`_refuse_surrogates`).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 STDIN = "-"  # the path that means standard input, as in Unix tools
 
 
@@ -431,6 +434,7 @@ def _json_rows(text: str, source: str) -> list[tuple[int, dict]]:
         return _jsonl_rows(text, source)
     decoder, rows, at = json.JSONDecoder(), [], start + 1
     seen, seen_line = 0, 1  # a position and its line, moved forward as the array is read
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
 
     def line_of(position: int) -> int:
         nonlocal seen, seen_line
@@ -452,6 +456,8 @@ def _json_rows(text: str, source: str) -> list[tuple[int, dict]]:
             raise LorafitError(
                 f"{source}: line {line_of(at)}: expected a JSON object, got {type(obj).__name__}"
             )
+        if escapes:
+            _refuse_surrogates(obj, source, line_of(at))
         rows.append((line_of(at), obj))
         at = _JSON_SPACE.match(text, end).end()
         if text.startswith(",", at):
@@ -504,7 +510,18 @@ def _json_object(line: str, source: str, number: int) -> dict:
         raise LorafitError(f"{source}: line {number}: invalid JSON ({msg})") from None
     if not isinstance(obj, dict):
         raise LorafitError(f"{source}: line {number}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(line):
+        _refuse_surrogates(obj, source, number)
     return obj
+
+
+def _refuse_surrogates(obj: dict, source: str, number: int) -> None:
+    """An object's field or name holding an unpaired surrogate (a JSON escape such as \\ud800 without its
+    pair: valid JSON, but not text) is an error naming it, rather than a tokenizer's or writer's crash."""
+    for key, value in obj.items():
+        for what, text in ((f"the field name {key!r}", key), (f"the field {key!r}", value)):
+            if isinstance(text, str) and (at := unpaired_surrogate(text)) is not None:
+                raise LorafitError(f"{source}: line {number}: {what} {surrogate_problem(text, at)}")
 
 
 def _cell(row: list[str] | dict, key: int | str) -> str:

@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from .tokenizers import surrogate_problem, unpaired_surrogate
+
 PREDICT_FIELDS = ("inputs", "truncate", "raw_scores", "top_k", "truncation_direction", "parameters")
 PARAMETERS = ("top_k", "function_to_apply")
 FUNCTIONS = ("softmax", "sigmoid", "none")  # what turns the logits into scores (none: the logits)
@@ -196,6 +198,8 @@ def parse_texts(inputs, max_client_batch: int, nested: bool = False) -> tuple[li
     if isinstance(inputs, str):
         if not inputs:
             raise _invalid('"inputs" is an empty string')
+        if (at := unpaired_surrogate(inputs)) is not None:
+            raise _invalid(f'"inputs" {surrogate_problem(inputs, at)}')
         return [inputs], True
     if not isinstance(inputs, list):
         raise _invalid(f'"inputs" must be a string or a list of strings, got {_kind(inputs)}')
@@ -217,6 +221,8 @@ def parse_texts(inputs, max_client_batch: int, nested: bool = False) -> tuple[li
             raise _invalid(f"inputs[{i}] must be a string, got {_kind(item)}")
         if not item:
             raise _invalid(f"inputs[{i}] is an empty string")
+        if (at := unpaired_surrogate(item)) is not None:
+            raise _invalid(f"inputs[{i}] {surrogate_problem(item, at)}")
         texts.append(item)
     return texts, False
 

