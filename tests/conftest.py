@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -120,3 +121,35 @@ def without_wall_time(records: list[dict]) -> list[dict]:
     """Training records (epoch history, log.jsonl lines) without their wall-clock `seconds`: what two runs
     of the same training must agree on."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@contextlib.contextmanager
+def served_in_thread(app):
+    """A real uvicorn server for `app` on a free loopback port, in a thread: yields its URL once /health
+    answers 200, and stops it on leaving."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

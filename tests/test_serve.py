@@ -710,44 +710,25 @@ def free_port() -> int:
 
 
 def test_huggingface_hubs_inference_client_classifies_through_the_tei_route(runs, monkeypatch):
-    import httpx
     import huggingface_hub
-    import uvicorn
+    from conftest import served_in_thread
     from huggingface_hub import InferenceClient
 
     # Under HF_HUB_OFFLINE (the suite sets it) the client refuses every URL, a local server's too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app({"a": runs["a"]}, precision="fp32"), host="127.0.0.1",
-                                           port=port, log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+    classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
+    probabilities = reference(runs["a"], [SPAM])[0]["probabilities"]
+    logits = dict(zip(classifier.labels, classifier.logits([SPAM])[0].tolist()))
+    best = max(probabilities, key=probabilities.get)
+    with served_in_thread(create_app({"a": runs["a"]}, precision="fp32")) as url:
         hub = InferenceClient(model=url)  # posts {"inputs", "parameters"} to POST /, as to TEI
-        classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
-        probabilities = reference(runs["a"], [SPAM])[0]["probabilities"]
-        logits = dict(zip(classifier.labels, classifier.logits([SPAM])[0].tolist()))
-        best = max(probabilities, key=probabilities.get)
         # TEI answers one text with a flat list, best label first; the client returns that first entry.
         top = hub.text_classification(SPAM)
         assert top.label == best and top.score == pytest.approx(probabilities[best], abs=1e-5)
         sigmoid = hub.text_classification(SPAM, function_to_apply="sigmoid", top_k=2)
         assert sigmoid.score == pytest.approx(1 / (1 + math.exp(-logits[best])), abs=1e-5)
-        assert hub.text_classification(SPAM, function_to_apply="none").score == pytest.approx(
-            logits[best], abs=1e-4
-        )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        raw = hub.text_classification(SPAM, function_to_apply="none")
+        assert raw.score == pytest.approx(logits[best], abs=1e-4)
 
 
 def test_serve_refuses_bad_runs_busy_ports_and_duplicates(runs, tmp_path, capsys):

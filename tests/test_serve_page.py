@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -38,29 +35,13 @@ ARTIFACTS = Path(os.environ.get("LORAFIT_TEST_ARTIFACTS", Path(__file__).parent.
 @pytest.fixture(scope="module")
 def server(runs):
     """A real uvicorn server on a free loopback port, in a thread, serving runs a and b."""
-    import httpx
-    import uvicorn
+    from conftest import served_in_thread
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(
         {"a": runs["a"], "b": runs["b"]}, precision="fp32", limits=ServeLimits(max_client_batch=4)
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with served_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

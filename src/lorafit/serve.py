@@ -773,49 +773,37 @@ def create_app(runs: Mapping[str, str | os.PathLike | ServedRun], *, limits: Ser
 
 
 def _add_routes(app, state: ServerState) -> None:
-    """TEI's routes for a classifier: /predict (also `POST /` and SageMaker's `/invocations`, for the only
-    run; `/predict/NAME` for each), /tokenize and /decode (the same by name), and the service routes."""
+    """TEI's routes for a classifier: /predict (also `POST /` and SageMaker's `/invocations`), /tokenize and
+    /decode for the only run, each also as `/ROUTE/NAME` for the run NAME; then the service routes."""
     from fastapi import Request
 
     def body(schema: dict) -> dict:
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
-    async def predict_default(request: Request):
-        return await state.predict(request, None)
+    def only_run(handler):
+        async def route(request: Request):
+            return await handler(request, None)
 
-    for path in ("/predict", "/", "/invocations"):
-        summary = "Classify texts (the only run)" + ("" if path == "/predict" else ": the same as /predict")
-        app.add_api_route(path, predict_default, methods=["POST"], openapi_extra=body(PREDICT_SCHEMA),
-                          summary=summary, operation_id=f"predict{path.replace('/', '_')}")  # fmt: skip
+        return route
 
-    @app.post(
-        "/predict/{name}", openapi_extra=body(PREDICT_SCHEMA), summary="Classify texts with the run NAME"
-    )
-    async def predict_run(request: Request, name: str):
-        return await state.predict(request, name)
+    def named_run(handler):
+        async def route(request: Request, name: str):
+            return await handler(request, name)
 
-    @app.post("/tokenize", openapi_extra=body(TOKENIZE_SCHEMA), summary="Tokens with offsets (the only run)")
-    async def tokenize_default(request: Request):
-        return await state.tokenize(request, None)
+        return route
 
-    @app.post(
-        "/tokenize/{name}",
-        openapi_extra=body(TOKENIZE_SCHEMA),
-        summary="Tokens with the run NAME's tokenizer",
-    )
-    async def tokenize_run(request: Request, name: str):
-        return await state.tokenize(request, name)
-
-    @app.post("/decode", openapi_extra=body(DECODE_SCHEMA), summary="Token ids to text (the only run)")
-    async def decode_default(request: Request):
-        return await state.decode(request, None)
-
-    @app.post(
-        "/decode/{name}", openapi_extra=body(DECODE_SCHEMA), summary="Token ids to text, the run NAME's"
-    )
-    async def decode_run(request: Request, name: str):
-        return await state.decode(request, name)
-
+    model_routes = (("predict", state.predict, PREDICT_SCHEMA, "Classify texts"),
+                    ("tokenize", state.tokenize, TOKENIZE_SCHEMA, "Tokens with character offsets"),
+                    ("decode", state.decode, DECODE_SCHEMA, "Token ids to text"))  # fmt: skip
+    for route, handler, schema, summary in model_routes:
+        app.add_api_route(f"/{route}", only_run(handler), methods=["POST"], openapi_extra=body(schema),
+                          summary=f"{summary} (the only run)", operation_id=route)  # fmt: skip
+        app.add_api_route(f"/{route}/{{name}}", named_run(handler), methods=["POST"], openapi_extra=body(schema),
+                          summary=f"{summary} with the run NAME", operation_id=f"{route}_run")  # fmt: skip
+    for path in ("/", "/invocations"):  # TEI's route for a classifier, and SageMaker's
+        app.add_api_route(path, only_run(state.predict), methods=["POST"], openapi_extra=body(PREDICT_SCHEMA),
+                          summary="Classify texts (the only run): the same as /predict",
+                          operation_id=f"predict{path.replace('/', '_')}")  # fmt: skip
     _add_service_routes(app, state)
 
 
