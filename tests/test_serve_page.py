@@ -84,7 +84,29 @@ def test_page_classifies_one_text_and_a_batch(server, browser, runs):
         track = bar.find_element(By.CLASS_NAME, "track").size["width"]
         fill = bar.find_element(By.CLASS_NAME, "fill").size["width"]
         assert abs(fill / track - bars[bar.get_attribute("data-label")]) < 0.02
+    classifier = load_classifier(runs["a"], device="cpu", precision="fp32")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#tokens .tok"))
+    chips = browser.find_elements(By.CSS_SELECTOR, "#tokens .tok")
+    ids = [int(c.get_attribute("title").split(",")[0].removeprefix("id ")) for c in chips]
+    assert ids == classifier.tokenizer.encode(text) and not browser.find_elements(By.CSS_SELECTOR, ".tok.cut")
+    assert "".join(c.get_attribute("textContent") for c in chips) == text
+    assert (
+        browser.find_element(By.ID, "tokens-note").text
+        == f"{len(ids)} tokens (the run reads up to {classifier.max_length})"
+    )
     screenshot(browser, "serve-page-single.png")
+
+    long = "WIN FREE prize claim " * 8  # longer than the run's max length: the end is struck through
+    browser.find_element(By.ID, "text").clear()
+    browser.find_element(By.ID, "text").send_keys(long)
+    browser.find_element(By.ID, "classify").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".tok.cut"))
+    count, limit = len(classifier.tokenizer.encode(long)), classifier.max_length
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tokens .tok")) == count
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".tok.cut")) == count - limit
+    note = f"{count} tokens; the run reads {limit} (its max length), the struck ones are cut"
+    assert browser.find_element(By.ID, "tokens-note").text == note
+    screenshot(browser, "serve-page-tokens.png")
 
     browser.find_element(By.ID, "tab-batch").click()
     lines = ["see you later at home", "URGENT claim your cash prize now 99999", "ok thanks"]
