@@ -350,7 +350,8 @@ def test_a_two_column_header_with_one_usual_name(tmp_path):
             "t.xlsx",
             "whatever",
             {},
-            r"unsupported file type '\.xlsx' \(use \.csv, \.tsv, \.txt, \.jsonl or \.json, each also gzipped",
+            r"unsupported file type '\.xlsx' \(use \.csv, \.tsv, \.txt, \.jsonl or \.json \(each also gzipped: "
+            r"\.csv\.gz, \.\.\.\), or \.parquet\)",
         ),
         ("q.csv", 'label,text\nham,"never closed\n', {}, r"q\.csv: line 2: bad CSV"),
         ("q2.csv", 'label,text\nham,ok\nham,"quoted"junk\nspam,c\n', {}, r"q2\.csv: line 3: bad CSV"),
@@ -622,3 +623,33 @@ def test_parse_split(text, expected):
 def test_parse_split_rejects(text):
     with pytest.raises(LorafitError, match="--split"):
         parse_split(text)
+
+
+def test_parquet_rows_read_as_objects_with_class_names_and_one_line_errors(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from lorafit.data import read_text_chunks
+
+    plain = pa.table({"id": [1, 2, 3], "review": ["good film", "bad film", "fine"], "stars": [5, 1, None]})
+    pq.write_table(plain, tmp_path / "a.parquet", row_group_size=2)
+    ds = read_table(tmp_path / "a.parquet", label_column="stars")
+    assert ds.texts == ["good film", "bad film"] and ds.labels == ["5", "1"] and ds.skipped == 1
+    assert ds.lines == [1, 2]
+    with pytest.raises(LorafitError, match=r"a\.parquet: row 3: missing label"):
+        read_table(tmp_path / "a.parquet", label_column="stars", strict=True)
+    columns, key, chunks = read_text_chunks(tmp_path / "a.parquet", chunk_rows=2)
+    assert columns == ["id", "review", "stars"] and key == "review"
+    assert [len(c) for c in chunks] == [2, 1]
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(LorafitError, match=r"b\.parquet: not a readable Parquet file \("):
+        read_table(tmp_path / "b.parquet")
+    with pytest.raises(LorafitError, match=r"c\.parquet: no such file"):
+        read_table(tmp_path / "c.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(
+        LorafitError, match=r"reading Parquet needs pyarrow: pip install 'lorafit\[parquet\]'"
+    ):
+        read_table(tmp_path / "a.parquet")

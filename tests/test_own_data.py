@@ -551,3 +551,51 @@ def test_the_python_api_of_docs_python_md_trains_evaluates_and_predicts_split_fi
         written = list(csv.DictReader(f))
     assert rows == 2 and [r["id"] for r in written] == ["1", "2"]
     assert set(written[0]) == {"id", "body", "label", *(f"p_{name}" for name in CLASSES)}
+
+
+def write_hf_parquet(path, rows: list[tuple[str, str]]) -> None:
+    """A Parquet file as Hugging Face datasets writes one: labels as ClassLabel integers, their names in the
+    schema's `huggingface` metadata."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    names = sorted(CLASSES)
+    features = {
+        "text": {"dtype": "string", "_type": "Value"},
+        "label": {"names": names, "_type": "ClassLabel"},
+    }
+    table = pa.table({"text": [t for _, t in rows], "label": [names.index(label) for label, _ in rows]})
+    table = table.replace_schema_metadata(
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    )
+    pq.write_table(table, path, row_group_size=50)
+
+
+def test_parquet_split_files_train_with_their_class_names_and_predict_to_a_file(
+    tiny_gpt2_dir, tmp_path, capsys
+):
+    splits = {
+        name: six_class_rows(n, seed)
+        for name, n, seed in (("train", 180, 1), ("dev", 36, 2), ("test", 42, 3))
+    }
+    for name, rows in splits.items():
+        write_hf_parquet(tmp_path / f"{name}.parquet", rows)
+    run = tmp_path / "run"
+    code, out, err = run_main(train_args(tiny_gpt2_dir, run, "--data", tmp_path / "train.parquet",
+                                         "--val-data", tmp_path / "dev.parquet",
+                                         "--test-data", tmp_path / "test.parquet"), capsys)  # fmt: skip
+    assert code == 0, err
+    assert "train / val / test 180 / 36 / 42" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["labels"] == sorted(CLASSES)  # the ClassLabel names, not 0..5
+    out_file = tmp_path / "predictions.jsonl"
+    code, _, err = run_main(
+        ["predict", "--run", run, "--file", tmp_path / "test.parquet", "--out", out_file], capsys
+    )
+    assert code == 0 and "Wrote 42 rows" in err
+    written = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [(w["label"], w["text"]) for w in written] == splits["test"]  # the input's columns, names mapped
+    expected = load_classifier(run, device="cpu").predict([t for _, t in splits["test"]])
+    assert [w["predicted_label"] for w in written] == [e["label"] for e in expected]
+    code, out, _ = run_main(["eval", "--run", run, "--json"], capsys)
+    assert code == 0 and json.loads(out)["test"]["count"] == 42

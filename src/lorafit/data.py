@@ -54,8 +54,10 @@ TEXT_NAMES = ("text", "message", "sms", "sentence", "content", "review", "body",
 # File suffix -> how to read it. Tab-separated files are read with no quoting at all because real
 # data (the SMS collection included) has unbalanced quotes that a CSV parser would merge across lines.
 # .json: JSON lines (what Hugging Face datasets' `to_json` writes) or one array of objects.
-FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
-SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json, each also gzipped (.csv.gz, ...)"
+FORMATS = {".tsv": "tsv", ".txt": "tsv", "": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json",
+           ".parquet": "parquet"}  # fmt: skip
+SUPPORTED = ".csv, .tsv, .txt, .jsonl or .json (each also gzipped: .csv.gz, ...), or .parquet"
+PARQUET_BATCH_ROWS = 8192  # rows of a Parquet file decoded at a time
 # A .csv's delimiter, in order of preference: what spreadsheets write (';' where ',' is the decimal mark),
 # and a tab for a tab-separated file saved as .csv. The one that cuts the first rows evenly wins.
 CSV_DELIMITERS = (",", ";", "\t")
@@ -242,7 +244,7 @@ def read_table(
     encoding: str = "utf-8",
     strict: bool = False,
 ) -> TextDataset:
-    """Read a labelled-text table: .tsv/.txt/no suffix (tab-separated), .csv, or .jsonl.
+    """Read a labelled-text table: .tsv/.txt/no suffix (tab-separated), .csv, .jsonl, .json or .parquet.
 
     header=None detects a header row. Columns are header names, or 0-based numbers without a
     header; a headerless two-column file is read as label, text (the SMS collection's layout).
@@ -252,6 +254,12 @@ def read_table(
     fmt = file_format(path)
     if fmt is None:
         raise LorafitError(f"{path}: unsupported file type {_suffix(path)!r} (use {SUPPORTED})")
+    if fmt == "parquet":
+        rows = list(_parquet_rows(path))
+        if not rows:
+            raise LorafitError(f"{path}: no rows")
+        return _parse_rows(rows, "jsonl", str(path), text_column=text_column, label_column=label_column,
+                           strict=strict, unit="row")  # fmt: skip
     text = _read_text(path, encoding)
     return _parse_text(
         text,
@@ -310,7 +318,23 @@ def _parse_text(
         rows = _split_rows(text, fmt, source)
     if not rows:
         raise LorafitError(f"{source}: no rows")
+    return _parse_rows(rows, fmt, source, text_column=text_column, label_column=label_column, header=header,
+                       strict=strict)  # fmt: skip
 
+
+def _parse_rows(
+    rows: list[tuple[int, list[str] | dict]],
+    fmt: str,
+    source: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    header: bool | None = None,
+    strict: bool = False,
+    unit: str = "line",
+) -> TextDataset:
+    """A TextDataset from `(number, cells or object)` rows: "jsonl" rows are objects, others cells with
+    maybe a header first; `unit` is what a row's number counts in errors (a line, or a Parquet row)."""
     if fmt == "jsonl":
         columns: list[str] = list(dict.fromkeys(k for _, row in rows for k in row))
         data_rows = rows
@@ -337,7 +361,7 @@ def _parse_text(
         problem = "missing label" if not label else "empty text" if not body.strip() else None
         if problem:
             if strict:
-                raise LorafitError(f"{source}: line {line}: {problem}")
+                raise LorafitError(f"{source}: {unit} {line}: {problem}")
             skipped += 1
             continue
         texts.append(body)
@@ -613,7 +637,7 @@ def read_text_chunks(
         raise LorafitError(f"{path}: unsupported file type {_suffix(path)!r} (use {SUPPORTED}, or --format)")
     if fmt not in FORMATS.values():
         raise LorafitError(f"unknown format {fmt!r} (use tsv, csv, jsonl or json)")
-    rows = _stream_rows(path, fmt, encoding)
+    rows = _parquet_rows(path) if fmt == "parquet" else _stream_rows(path, fmt, encoding)
     path = _source_name(path)
     try:
         first_line, first = next(rows)
@@ -649,6 +673,65 @@ def read_text_chunks(
 
 def _source_name(path: Path) -> str:
     return "standard input" if str(path) == STDIN else str(path)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based row, object) for each row of a Parquet file, `PARQUET_BATCH_ROWS` decoded at a time. Labels
+    that Hugging Face datasets stores as ClassLabel integers become their names (`_class_names`)."""
+    parquet = _parquet_file(path)
+    names, number = _class_names(parquet.schema_arrow.metadata or {}), 0
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (
+            Exception
+        ) as e:  # pyarrow's errors for a damaged file (ArrowException and the OSErrors it raises)
+            raise LorafitError(f"{path}: a damaged Parquet file ({str(e).splitlines()[0]})") from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            number += 1
+            for column, labels in names.items():
+                value = row.get(column)
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+                    row[column] = labels[value]
+            yield number, row
+
+
+def _parquet_file(path: Path):
+    """pyarrow's ParquetFile for `path`, or a one-line error: pyarrow missing, no file, not Parquet."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LorafitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorafit[parquet]' "
+                           "(or pip install pyarrow)") from None  # fmt: skip
+    if not path.is_file():
+        raise LorafitError(
+            f"{path}: " + ("is a directory, expected a file" if path.is_dir() else "no such file")
+        )
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # ArrowInvalid for a file that is not Parquet, OSError for an unreadable one
+        raise LorafitError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _class_names(metadata: dict) -> dict[str, list[str]]:
+    """Per column, the label names of a Hugging Face datasets ClassLabel, from the `huggingface` entry of a
+    Parquet file's schema metadata (what `Dataset.to_parquet` and the Hub's Parquet files carry)."""
+    try:
+        features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    return {
+        column: feature["names"]
+        for column, feature in features.items()
+        if isinstance(feature, dict)
+        and feature.get("_type") == "ClassLabel"
+        and isinstance(feature.get("names"), list)
+    }
 
 
 def _stream_rows(path: Path, fmt: str, encoding: str) -> Iterator[tuple[int, list[str] | dict]]:
