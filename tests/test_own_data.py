@@ -599,3 +599,20 @@ def test_parquet_split_files_train_with_their_class_names_and_predict_to_a_file(
     assert [w["predicted_label"] for w in written] == [e["label"] for e in expected]
     code, out, _ = run_main(["eval", "--run", run, "--json"], capsys)
     assert code == 0 and json.loads(out)["test"]["count"] == 42
+    # Parquet out: the same rows and scores; a CSV's cells stay text, a row without text gets nulls.
+    import pyarrow.parquet as pq
+
+    code, _, err = run_main(["predict", "--run", run, "--file", tmp_path / "test.parquet", "--out",
+                             tmp_path / "p.parquet"], capsys)  # fmt: skip
+    assert code == 0 and "Wrote 42 rows" in err
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.column_names == list(written[0])
+    assert all(row == pytest.approx(want) for row, want in zip(table.to_pylist(), written, strict=True))
+    assert str(table.schema.field("predicted_label").type) == "string"
+    (tmp_path / "in.csv").write_text("id,comment\n1,i feel so happy today\n2,\n", encoding="utf-8")
+    code, _, err = run_main(["predict", "--run", run, "--file", tmp_path / "in.csv", "--out", tmp_path / "q.parquet"],
+                            capsys)  # fmt: skip
+    assert code == 0 and "1 of the 2 rows had no text" in err
+    rows = pq.read_table(tmp_path / "q.parquet").to_pylist()
+    assert [(r["id"], r["comment"]) for r in rows] == [("1", "i feel so happy today"), ("2", "")]
+    assert rows[0]["label"] in CLASSES and rows[1]["label"] is None and rows[1]["p_joy"] is None

@@ -20,13 +20,14 @@ import torch
 from . import distributed
 from .allocator import release_free_memory
 from .config import INFERENCE_BATCH_SIZE
-from .data import STDIN, _cell, is_gzipped, read_text_chunks
+from .data import PARQUET_BATCH_ROWS, STDIN, _cell, file_format, is_gzipped, read_text_chunks
 from .errors import LorafitError
 from .io import atomic_path
 from .train import progress_bar
 
 # .json: one array of objects, the form every JSON reader takes (.jsonl: one object per line).
-OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json"}
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json",
+                  ".parquet": "parquet"}  # fmt: skip
 
 
 def predict_file(classifier, path: str, out: str | None, *, text_column: str | None = None,
@@ -45,14 +46,13 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
     if out is not None:
         out_fmt = OUTPUT_FORMATS.get(Path(out).suffix.lower())
         if out_fmt is None:
-            raise LorafitError(
-                f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv, .jsonl or .json)"
-            )
+            raise LorafitError(f"--out {out}: unsupported file type {Path(out).suffix!r} (use .csv, .tsv, "
+                               ".jsonl, .json or .parquet)")  # fmt: skip
     columns, key, chunks = read_text_chunks(path, text_column=text_column, header=header, encoding=encoding,
                                             chunk_rows=chunk_rows, fmt=fmt)  # fmt: skip
     main = distributed.is_main()
     bar = progress_bar(
-        total=_count_lines(path) if main and str(path) != STDIN and not is_gzipped(Path(path)) else None,
+        total=_count_rows(path) if main and str(path) != STDIN and not is_gzipped(Path(path)) else None,
         unit="line",
         desc="predict",
         disable=not main or out is None,
@@ -60,8 +60,8 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
     labels = classifier.labels
     prefix = prediction_prefix(columns, labels)
     rows = textless = 0
-    with _output(out, main) as sink:
-        writer = _writer(sink, out_fmt, columns, labels, prefix) if sink is not None else None
+    with _output(out, main, binary=out_fmt == "parquet") as sink:
+        writer, finish = _writer(sink, out_fmt, columns, labels, prefix) if sink is not None else (None, None)
         for chunk, logits in _logits_in_order(classifier, chunks, key, batch_size, len(labels), chunk_rows):
             rows += len(chunk)
             release_free_memory()  # the chunk's batches are freed: its scattered blocks go back to the system
@@ -77,8 +77,8 @@ def predict_file(classifier, path: str, out: str | None, *, text_column: str | N
                 else:
                     _print_row(text, label, dict(zip(labels, p)) if label else None, as_json)
             bar.update(chunk[-1][0] - bar.n)  # to the chunk's last line
-        if sink is not None and out_fmt == "json":
-            sink.write("\n]\n" if rows else "]\n")  # the array's end, before the file is renamed into place
+        if finish is not None:
+            finish()  # the JSON array's end, Parquet's last rows and footer: before the file is renamed into place
     bar.close()
     if main and log is not None:
         if out is not None:
@@ -126,15 +126,15 @@ def _logits_in_order(classifier, chunks: Iterator[list], key, batch_size: int, c
 class _output:
     """The output file (`out`, written atomically by rank 0), or None to print."""
 
-    def __init__(self, out: str | None, main: bool):
-        self.out, self.main, self.context, self.handle = out, main, None, None
+    def __init__(self, out: str | None, main: bool, binary: bool = False):
+        self.out, self.main, self.binary, self.context, self.handle = out, main, binary, None, None
 
     def __enter__(self):
         if self.out is None or not self.main:
             return None
         self.context = atomic_path(self.out)
         tmp = self.context.__enter__()
-        self.handle = open(tmp, "w", encoding="utf-8", newline="")
+        self.handle = open(tmp, "wb") if self.binary else open(tmp, "w", encoding="utf-8", newline="")
         return self.handle
 
     def __exit__(self, *exc):
@@ -145,14 +145,17 @@ class _output:
         return False
 
 
-def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[str], prefix: str = ""):
-    """A function writing one input row (cells or object) with its label and probabilities, in columns
-    named `prefix` + "label" and `prefix` + "p_<label>"."""
+def _writer(handle: io.IOBase, fmt: str, columns: list[str], labels: list[str], prefix: str = ""):
+    """`(write, finish)`: `write(row, label, probabilities)` writes one input row (cells or object) with its
+    label and probabilities, in columns named `prefix` + "label" and `prefix` + "p_<label>"; `finish()`
+    ends the file (a JSON array's "]", Parquet's last rows and footer) or is None."""
     added = [f"{prefix}label", *(f"{prefix}p_{label}" for label in labels)]
+    if fmt == "parquet":
+        return _parquet_writer(handle, columns, added)
     if fmt in ("jsonl", "json"):
         separators = iter(["\n"]) if fmt == "json" else None
         if separators is not None:
-            handle.write("[")  # predict_file writes the closing "]"
+            handle.write("[")
 
         def write_json(row, label, p):
             values = row if isinstance(row, dict) else dict(zip(columns, row))
@@ -160,7 +163,10 @@ def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[st
             line = json.dumps({**values, **dict(zip(added, [label, *scores]))})
             handle.write(line + "\n" if separators is None else next(separators, ",\n") + line)
 
-        return write_json
+        def end_array():
+            handle.write("]\n" if next(separators, None) is not None else "\n]\n")
+
+        return write_json, end_array if separators is not None else None
     table = csv.writer(handle, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n",
                        quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL, escapechar="\\")  # fmt: skip
     table.writerow([*columns, *added])
@@ -173,7 +179,52 @@ def _writer(handle: io.TextIOBase, fmt: str, columns: list[str], labels: list[st
         scores = [f"{x:.6f}" for x in p] if p is not None else [""] * len(labels)  # no text: empty cells
         table.writerow([*cells, label or "", *scores])
 
-    return write_row
+    return write_row, None
+
+
+def _parquet_writer(handle: io.IOBase, columns: list[str], added: list[str]):
+    """`_writer`'s pair for Parquet: rows buffered and written `PARQUET_BATCH_ROWS` at a time. The input's
+    columns keep the types of the first rows written (text for CSV and TSV input); the label is a string and
+    each probability a float64 (null for a row without text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer, writer = [], []  # the ParquetWriter, once the first rows fix the schema
+
+    def flush():
+        if not buffer:
+            return
+        if not writer:
+            inferred = pa.Table.from_pylist(buffer).schema
+            fields = [inferred.field(c) if inferred.field(c).type != pa.null() else pa.field(c, pa.string())
+                      for c in columns if c in inferred.names]  # fmt: skip
+            fields += [pa.field(added[0], pa.string())] + [pa.field(name, pa.float64()) for name in added[1:]]
+            writer.append(pq.ParquetWriter(handle, pa.schema(fields)))
+        try:
+            table = pa.Table.from_pylist(buffer, schema=writer[0].schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise LorafitError(f"--out: a column's values change type within the file, which Parquet cannot hold "
+                               f"({str(e).splitlines()[0]}); write .jsonl instead") from None  # fmt: skip
+        writer[0].write_table(table)
+        buffer.clear()
+
+    def write(row, label, p):
+        values = row if isinstance(row, dict) else dict(zip(columns, row))
+        scores = p if p is not None else [None] * (len(added) - 1)
+        buffer.append({**values, **dict(zip(added, [label, *scores]))})
+        if len(buffer) >= PARQUET_BATCH_ROWS:
+            flush()
+
+    def finish():
+        flush()
+        if writer:
+            writer[0].close()
+        else:  # no rows: an empty table with the columns
+            fields = [pa.field(c, pa.string()) for c in columns] + [pa.field(added[0], pa.string())]
+            fields += [pa.field(name, pa.float64()) for name in added[1:]]
+            pq.write_table(pa.table({f.name: pa.array([], f.type) for f in fields}), handle)
+
+    return write, finish
 
 
 def _print_row(text: str, label: str | None, probabilities: dict | None, as_json: bool) -> None:
@@ -184,8 +235,13 @@ def _print_row(text: str, label: str | None, probabilities: dict | None, as_json
         print(f"{label}\t{probabilities[label]:.4f}\t{text}" if label else f"\t\t{text}")
 
 
-def _count_lines(path: str) -> int:
-    """The file's line count, for the progress bar (a fast pass over the bytes)."""
+def _count_rows(path: str) -> int:
+    """The file's line count (a fast pass over the bytes), or a Parquet file's row count (from its footer):
+    the progress bar's total."""
+    if file_format(Path(path)) == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
     count = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
