@@ -301,25 +301,16 @@ def _read_text(path: Path, encoding: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _parse_text(
-    text: str,
-    fmt: str,
-    source: str,
-    *,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    header: bool | None = None,
-    strict: bool = False,
-) -> TextDataset:
-    """Turn decoded file contents into a TextDataset; `source` names the file in errors."""
+def _parse_text(text: str, fmt: str, source: str, **options) -> TextDataset:
+    """Turn decoded file contents into a TextDataset; `source` names the file in errors; `options` are
+    `_parse_rows`'s (text_column, label_column, header, strict)."""
     if fmt in ("json", "jsonl"):
         rows, fmt = (_json_rows if fmt == "json" else _jsonl_rows)(text, source), "jsonl"
     else:
         rows = _split_rows(text, fmt, source)
     if not rows:
         raise LorafitError(f"{source}: no rows")
-    return _parse_rows(rows, fmt, source, text_column=text_column, label_column=label_column, header=header,
-                       strict=strict)  # fmt: skip
+    return _parse_rows(rows, fmt, source, **options)
 
 
 def _parse_rows(
