@@ -653,3 +653,42 @@ def test_parquet_rows_read_as_objects_with_class_names_and_one_line_errors(tmp_p
         LorafitError, match=r"reading Parquet needs pyarrow: pip install 'lorafit\[parquet\]'"
     ):
         read_table(tmp_path / "a.parquet")
+
+
+def test_a_hub_data_url_reads_its_file_from_the_cache_offline_and_says_so_when_it_is_absent(
+    tmp_path, monkeypatch
+):
+    from lorafit.data import (
+        _hub_data_url,
+        check_files,
+        file_record,
+        load_dataset,
+        local_data_path,
+        read_text_chunks,
+    )
+
+    # The Hugging Face cache's layout, as a download leaves it: refs/main names the snapshot.
+    repo = tmp_path / "hub" / "datasets--org--sms"
+    (repo / "snapshots" / "abc123" / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    content = "label\ttext\nham\tsee you at home\nspam\twin a prize now\n"
+    (repo / "snapshots" / "abc123" / "data" / "train.tsv").write_text(content)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    url = "hf://datasets/org/sms/data/train.tsv"
+    dataset = load_dataset(url)
+    assert dataset.source == url and dataset.texts == ["see you at home", "win a prize now"]
+    record = file_record(url)
+    assert record == {"path": url, "sha256": hashlib.sha256(content.encode()).hexdigest()}
+    check_files({"train": record}, "the run")  # found in the cache again, unchanged
+    columns, key, chunks = read_text_chunks(local_data_path(url))  # what predict --file reads
+    assert columns[key] == "text" and len(next(chunks)) == 2
+    with pytest.raises(LorafitError, match=r"hf://datasets/org/sms/data/test\.tsv: not in the local Hugging Face "
+                                           r"cache, and the Hub is not reachable \(offline\); fetch it once online"):  # fmt: skip
+        load_dataset("hf://datasets/org/sms/data/test.tsv")
+    assert _hub_data_url("hf://datasets/stanfordnlp/sst2@refs%2Fconvert%2Fparquet/default/train/0000.parquet") == (
+        "stanfordnlp/sst2", "refs/convert/parquet", "default/train/0000.parquet")  # fmt: skip
+    assert _hub_data_url("hf://datasets/org/sms/data/train.tsv") == ("org/sms", None, "data/train.tsv")
+    with pytest.raises(LorafitError, match=r"hf://datasets/sst2: a Hub data file is hf://datasets/ORG/NAME"):
+        load_dataset("hf://datasets/sst2")

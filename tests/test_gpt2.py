@@ -92,7 +92,7 @@ def test_missing_tensor_is_named(tmp_path, tiny_gpt2_config):
 def test_offline_download_fails_with_one_line(monkeypatch):
     from lorafit.models import gpt2
 
-    monkeypatch.setattr(gpt2, "_host_resolves", lambda host: False)
+    monkeypatch.setattr(gpt2, "host_resolves", lambda host: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-lorafit-test-cache")
     with pytest.raises(LorafitError) as info:
         gpt2.download_gpt2("gpt2")

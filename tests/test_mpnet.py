@@ -153,7 +153,7 @@ def _fake_hub(monkeypatch, tmp_path, weights: bytes) -> list[tuple[str, str, boo
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(bert, "_installed_file", lambda package, path: None)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # `_host_resolves` then lets the (fake) hub try
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # `host_resolves` then lets the (fake) hub try
     return calls
 
 
@@ -175,7 +175,7 @@ def test_without_the_packages_mpnet_comes_from_the_hub_checked_by_sha256(monkeyp
 def test_missing_mpnet_packages_offline_say_how_to_install_them(monkeypatch, tmp_path):
     _fake_hub(monkeypatch, tmp_path, b"")
     monkeypatch.delenv("HF_ENDPOINT")
-    monkeypatch.setattr("lorafit.models.gpt2._host_resolves", lambda host: False)
+    monkeypatch.setattr("lorafit.models.gpt2.host_resolves", lambda host: False)
     with pytest.raises(LorafitError) as error:
         bert.packaged_mpnet_dir()
     message = str(error.value)

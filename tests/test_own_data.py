@@ -572,7 +572,7 @@ def write_hf_parquet(path, rows: list[tuple[str, str]]) -> None:
 
 
 def test_parquet_split_files_train_with_their_class_names_and_predict_to_a_file(
-    tiny_gpt2_dir, tmp_path, capsys
+    tiny_gpt2_dir, tmp_path, capsys, monkeypatch
 ):
     splits = {
         name: six_class_rows(n, seed)
@@ -599,6 +599,16 @@ def test_parquet_split_files_train_with_their_class_names_and_predict_to_a_file(
     assert [w["predicted_label"] for w in written] == [e["label"] for e in expected]
     code, out, _ = run_main(["eval", "--run", run, "--json"], capsys)
     assert code == 0 and json.loads(out)["test"]["count"] == 42
+    # The same file as a Hub data URL, read from the Hugging Face cache (offline, as in every test).
+    snapshot = tmp_path / "hub" / "datasets--org--emotions" / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c0ffee")
+    (snapshot / "test.parquet").write_bytes((tmp_path / "test.parquet").read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, _, err = run_main(["predict", "--run", run, "--file", "hf://datasets/org/emotions/test.parquet", "--out",
+                             tmp_path / "hub.jsonl"], capsys)  # fmt: skip
+    assert code == 0 and (tmp_path / "hub.jsonl").read_text() == out_file.read_text()
     # Parquet out: the same rows and scores; a CSV's cells stay text, a row without text gets nulls.
     import pyarrow.parquet as pq
 

@@ -306,7 +306,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import os
 
     from . import distributed
-    from .data import STDIN
+    from .data import STDIN, local_data_path
     from .predict import predict_file
     from .run import load_classifier
 
@@ -322,6 +322,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.format and not args.file:
         raise LorafitError("--format says how to read --file; give --file IN (or - for standard input)")
     _refuse_undecodable_arguments(args.texts)
+    if args.file:
+        args.file = local_data_path(args.file)  # a Hub URL: the file in the Hugging Face cache
     stdin = args.file == STDIN
     if stdin and distributed.launched_by_torchrun():
         raise LorafitError("--file - (standard input) needs a single process; under torchrun give a file")

@@ -66,6 +66,7 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # A \\uXXXX escape of a UTF-16 surrogate: where one is, an unpaired one may be (`_refuse_surrogates`).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 STDIN = "-"  # the path that means standard input, as in Unix tools
+HUB_DATA_URL = "hf://datasets/"  # hf://datasets/ORG/NAME[@REVISION]/FILE: a file of a data set on the Hub
 
 
 @dataclass
@@ -90,21 +91,58 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     log: Callable[[str], object] = print,
 ) -> TextDataset:
-    """Load `spec`: the name "sms-spam" for the built-in data set, otherwise the path of a local table."""
+    """Load `spec`: the name "sms-spam" for the built-in data set, otherwise the path of a table, local or
+    a Hub URL (`local_data_path`)."""
     if spec == "sms-spam":
         if text_column is not None or label_column is not None:
             raise LorafitError("--text-column/--label-column apply to --data PATH, not to sms-spam")
         return load_sms_spam(cache_dir, log=log)
-    if not os.path.exists(spec):  # os.path.exists, unlike Path.exists, never raises on odd names
+    path = local_data_path(spec)
+    if not os.path.exists(path):  # os.path.exists, unlike Path.exists, never raises on odd names
         raise LorafitError(f"{spec}: no such file (the built-in data set is called sms-spam)")
-    return read_table(
-        spec,
+    dataset = read_table(
+        path,
         text_column=text_column,
         label_column=label_column,
         header=header,
         encoding=encoding,
         strict=strict,
     )
+    dataset.source = spec  # a Hub URL, not the cache's path, in what the run reports
+    return dataset
+
+
+def local_data_path(spec: str) -> str:
+    """A data file's local path: `spec` itself, or for a Hub URL `hf://datasets/ORG/NAME[@REVISION]/FILE`
+    (the form of the Hub's own "Use this dataset" snippets) that file in the Hugging Face cache, downloaded
+    into it first unless offline (`io.offline`): then only a copy already in the cache is used."""
+    if not spec.startswith(HUB_DATA_URL):
+        return spec
+    repo, revision, filename = _hub_data_url(spec)
+    from huggingface_hub import hf_hub_download
+
+    from .io import offline
+
+    cached_only = offline()
+    try:
+        return hf_hub_download(repo, filename, repo_type="dataset", revision=revision, local_files_only=cached_only,
+                               cache_dir=os.environ.get("HF_HUB_CACHE") or None)  # fmt: skip
+    except Exception as e:  # not found, not cached, no network, gated: huggingface_hub's many errors
+        reason = ("not in the local Hugging Face cache, and the Hub is not reachable (offline)" if cached_only
+                  else f"could not download it ({(str(e).splitlines() or [type(e).__name__])[0]})")  # fmt: skip
+        raise LorafitError(f"{spec}: {reason}; fetch it once online (it is then read from the cache), or give a "
+                           "local file") from None  # fmt: skip
+
+
+def _hub_data_url(spec: str) -> tuple[str, str | None, str]:
+    """`hf://datasets/ORG/NAME[@REVISION]/FILE` → (repository, revision or None, file in it); a revision
+    with slashes is written %2F-escaped, as `@refs%2Fconvert%2Fparquet`."""
+    parts = spec[len(HUB_DATA_URL) :].split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise LorafitError(f"{spec}: a Hub data file is hf://datasets/ORG/NAME[@REVISION]/FILE")
+    org, name, filename = parts
+    name, _, revision = name.partition("@")
+    return f"{org}/{name}", urllib.parse.unquote(revision) or None, filename
 
 
 def load_sms_spam(
@@ -986,9 +1024,10 @@ def _load_split_files(options, seed: int, log) -> Splits:
 
 
 def file_record(path: str) -> dict:
-    """A file's path and sha256 (its bytes), as a run records the data it was trained on."""
+    """A file's path (as given: a Hub URL stays one) and sha256 (its bytes), as a run records the data it
+    was trained on."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(local_data_path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"path": str(path), "sha256": digest.hexdigest()}
@@ -998,7 +1037,7 @@ def check_files(files: dict[str, dict], what: str) -> None:
     """Refuse when a recorded data file is gone or its bytes changed (`what` names the run, for the message)."""
     for record in files.values():
         path = record["path"]
-        if not os.path.isfile(path):
+        if not os.path.isfile(local_data_path(path)):
             raise LorafitError(f"{path}: no such file ({what} was trained on it)")
         now = file_record(path)["sha256"]
         if now != record["sha256"]:

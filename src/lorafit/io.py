@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) sees the old complete file or the new complete file."""
+"""Atomic file writes (a reader, or a crash, sees the old complete file or the new complete file), and
+whether a download may be tried (`offline`)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,25 @@ def read_json(path: str | os.PathLike, missing: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LorafitError(f"{path}: not valid JSON ({e})") from None
+
+
+def host_resolves(host: str) -> bool:
+    """Whether `host`'s name resolves (with `HF_ENDPOINT` set, a mirror: assumed so): a download that cannot
+    even resolve its host fails in milliseconds here instead of after huggingface_hub's retries."""
+    import socket
+
+    if os.environ.get("HF_ENDPOINT"):
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def offline() -> bool:
+    """True when no download should be tried: `LORAFIT_OFFLINE=1` or `HF_HUB_OFFLINE=1`, or huggingface.co
+    does not resolve."""
+    if os.environ.get("LORAFIT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True
+    return not host_resolves("huggingface.co")

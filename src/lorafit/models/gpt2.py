@@ -20,6 +20,7 @@ from ..batching import segment_mask
 from ..config import GPT2_SIZES, GPT2Config, config_from_dict
 from ..devices import to_autocast_dtype
 from ..errors import LorafitError
+from ..io import host_resolves
 from ..lora import project_shared_input
 from .attention import attention
 
@@ -296,7 +297,7 @@ def hub_files(repo: str, filenames: tuple[str, ...]) -> list[Path]:
         return [Path(hf_hub_download(repo, f, local_files_only=True)) for f in filenames]
     except Exception:
         pass
-    if not _host_resolves("huggingface.co"):
+    if not host_resolves("huggingface.co"):
         raise OSError("cannot resolve huggingface.co")
     return [Path(hf_hub_download(repo, f)) for f in filenames]
 
@@ -312,18 +313,6 @@ def download_gpt2(name: str) -> Path:
             f"could not download the {name} weights from the Hugging Face hub ({reason}); "
             f"pass a local copy instead: --weights PATH (a directory with model.safetensors, or the file)"
         ) from None
-
-
-def _host_resolves(host: str) -> bool:
-    import socket
-
-    if os.environ.get("HF_ENDPOINT"):
-        return True  # a mirror: let huggingface_hub try it
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
 
 
 # Hugging Face GPT-2 Conv1D layers store weights as (in, out); nn.Linear wants (out, in).
