@@ -150,10 +150,6 @@ class PredictRequest:
     top_k: int | None = None
     direction: str = "right"  # where a too long text is cut: right keeps its start, left its end
 
-    @property
-    def raw_scores(self) -> bool:
-        return self.function == "none"
-
 
 def parse_predict_request(body: bytes, max_client_batch: int) -> PredictRequest:
     """Validate a /predict body; anything wrong is a 422 naming the field."""
@@ -210,9 +206,8 @@ def parse_texts(inputs, max_client_batch: int, nested: bool = False) -> tuple[li
                        "per request (--max-client-batch)")  # fmt: skip
     texts = []
     for i, item in enumerate(inputs):
-        if nested and isinstance(
-            item, list
-        ):  # TEI's form: each input a list of texts (a pair for pair models)
+        # TEI's form: each input a list of texts (a pair, for pair models)
+        if nested and isinstance(item, list):
             if len(item) != 1:
                 raise _invalid(f"inputs[{i}] holds {len(item)} texts; lorafit classifies single texts, so a "
                                "nested input must be a list of one text")  # fmt: skip
