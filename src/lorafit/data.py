@@ -118,6 +118,13 @@ def local_data_path(spec: str) -> str:
     into it first unless offline (`io.offline`): then only a copy already in the cache is used."""
     if not spec.startswith(HUB_DATA_URL):
         return spec
+    return _hub_file(spec, os.environ.get("HF_HUB_CACHE") or None)
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_file(spec: str, cache_dir: str | None) -> str:
+    """`local_data_path` of a Hub URL, once per process and cache: reading a file, recording its sha256
+    and checking it again each ask for it, and online each `hf_hub_download` asks the Hub."""
     repo, revision, filename = _hub_data_url(spec)
     from huggingface_hub import hf_hub_download
 
@@ -126,7 +133,7 @@ def local_data_path(spec: str) -> str:
     cached_only = offline()
     try:
         return hf_hub_download(repo, filename, repo_type="dataset", revision=revision, local_files_only=cached_only,
-                               cache_dir=os.environ.get("HF_HUB_CACHE") or None)  # fmt: skip
+                               cache_dir=cache_dir)  # fmt: skip
     except Exception as e:  # not found, not cached, no network, gated: huggingface_hub's many errors
         reason = ("not in the local Hugging Face cache, and the Hub is not reachable (offline)" if cached_only
                   else f"could not download it ({(str(e).splitlines() or [type(e).__name__])[0]})")  # fmt: skip
@@ -256,7 +263,7 @@ def _offline_copy() -> TextDataset | None:
 
 
 def file_format(path: Path) -> str | None:
-    """The format a file's suffix names ("tsv", "csv", "jsonl", "json"), looking through a `.gz`
+    """The format a file's suffix names ("tsv", "csv", "jsonl", "json", "parquet"), looking through a `.gz`
     (`train.csv.gz` is a gzipped CSV); None for a suffix lorafit does not read."""
     suffixes = [s.lower() for s in path.suffixes]
     if is_gzipped(path):

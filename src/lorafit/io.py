@@ -75,9 +75,12 @@ def host_resolves(host: str) -> bool:
         return False
 
 
+def offline_requested() -> bool:
+    """Whether the user asked for no downloads: `LORAFIT_OFFLINE=1` or `HF_HUB_OFFLINE=1`."""
+    return os.environ.get("LORAFIT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
 def offline() -> bool:
-    """True when no download should be tried: `LORAFIT_OFFLINE=1` or `HF_HUB_OFFLINE=1`, or huggingface.co
+    """True when no download should be tried: offline requested (`offline_requested`), or huggingface.co
     does not resolve."""
-    if os.environ.get("LORAFIT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return True
-    return not host_resolves("huggingface.co")
+    return offline_requested() or not host_resolves("huggingface.co")

@@ -190,6 +190,7 @@ def _parquet_writer(handle: io.IOBase, columns: list[str], added: list[str]):
     import pyarrow.parquet as pq
 
     buffer, writer = [], []  # the ParquetWriter, once the first rows fix the schema
+    added_fields = [pa.field(added[0], pa.string())] + [pa.field(name, pa.float64()) for name in added[1:]]
 
     def flush():
         if not buffer:
@@ -198,8 +199,7 @@ def _parquet_writer(handle: io.IOBase, columns: list[str], added: list[str]):
             inferred = pa.Table.from_pylist(buffer).schema
             fields = [inferred.field(c) if inferred.field(c).type != pa.null() else pa.field(c, pa.string())
                       for c in columns if c in inferred.names]  # fmt: skip
-            fields += [pa.field(added[0], pa.string())] + [pa.field(name, pa.float64()) for name in added[1:]]
-            writer.append(pq.ParquetWriter(handle, pa.schema(fields)))
+            writer.append(pq.ParquetWriter(handle, pa.schema(fields + added_fields)))
         try:
             table = pa.Table.from_pylist(buffer, schema=writer[0].schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -220,8 +220,7 @@ def _parquet_writer(handle: io.IOBase, columns: list[str], added: list[str]):
         if writer:
             writer[0].close()
         else:  # no rows: an empty table with the columns
-            fields = [pa.field(c, pa.string()) for c in columns] + [pa.field(added[0], pa.string())]
-            fields += [pa.field(name, pa.float64()) for name in added[1:]]
+            fields = [pa.field(c, pa.string()) for c in columns] + added_fields
             pq.write_table(pa.table({f.name: pa.array([], f.type) for f in fields}), handle)
 
     return write, finish

@@ -82,8 +82,9 @@ def gpt2_encoding():
     With `LORAFIT_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) the download is not even tried."""
     import tiktoken
 
-    offline = os.environ.get("LORAFIT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not offline:
+    from .io import offline_requested
+
+    if not offline_requested():
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception:
