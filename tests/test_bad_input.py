@@ -212,3 +212,18 @@ def test_train_refuses_an_out_directory_that_holds_anything_and_overwrite_replac
     assert_one_line_error(
         code, stderr, f"an unfinished run is there; continue it with lorafit train --resume {run}"
     )
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--no-progres"], "unrecognized arguments: --no-progres (see lorafit train --help)"),
+        (["serve", "--run", "r", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see lorafit serve --help)"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        ([], "(see lorafit --help)"),
+    ],
+)
+def test_an_unknown_option_names_its_subcommands_help(argv, fragment, capsys):
+    code, _, stderr = run_main(argv, capsys)
+    assert_one_line_error(code, stderr, fragment)
+    assert "lorafit lorafit" not in stderr

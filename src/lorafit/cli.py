@@ -36,8 +36,19 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`lorafit: error: ...`, exit 2)."""
 
     def error(self, message: str):
-        sys.stderr.write(f"lorafit: error: {message} (see lorafit {self.prog.split()[-1]} --help)\n")
+        sys.stderr.write(f"lorafit: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a subcommand's unknown option from the top parser, whose help lists subcommands
+        # only: report it from the subcommand's, so the hint names `lorafit train --help`.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            subcommands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            command = getattr(parsed, "command", None)
+            owner = subcommands[0].choices.get(command, self) if subcommands and command else self
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _int_list(text: str) -> list[int]:
