@@ -218,7 +218,10 @@ def test_train_refuses_an_out_directory_that_holds_anything_and_overwrite_replac
     "argv, fragment",
     [
         (["train", "--no-progres"], "unrecognized arguments: --no-progres (see lorafit train --help)"),
-        (["serve", "--run", "r", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see lorafit serve --help)"),
+        (
+            ["serve", "--run", "r", "--bogus", "1"],
+            "unrecognized arguments: --bogus 1 (see lorafit serve --help)",
+        ),
         (["bogus"], "invalid choice: 'bogus'"),
         ([], "(see lorafit --help)"),
     ],
