@@ -1,10 +1,11 @@
 """Profile lorafit's GPT-2 124M training step and inference batch with torch.profiler (CPU), on packed
 batches of the SMS split that speed.py uses, and write the operator table to benchmarks/results/.
 
-    python benchmarks/profile_step.py [--data ../shared/data/SMSSpamCollection] [--precision auto] [--steps 6]
+    python benchmarks/profile_step.py [--data ../shared/data/SMSSpamCollection] [--precision auto|int8] [--steps 6]
 
 Prints, per phase (forward, backward, optimiser; inference), the operators by self CPU time, and the
-step's rate (4·N·T training, 2·N·T inference) against the 1024² matmul peak of the same precision.
+step's rate (4·N·T training, 2·N·T inference) against the 1024² matmul peak of the same precision (int8:
+fp32's, and its inference runs in fp32 as `--precision int8` does).
 Inference is profiled through `predict_logits` with its default batches (merged LoRA, one stream).
 """
 
@@ -24,7 +25,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/SMSSpamCollection"))
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "int8"])
     parser.add_argument(
         "--steps", type=int, default=6, help="profiled training steps (after 3 warm-up steps)"
     )
@@ -125,6 +126,11 @@ def main() -> None:
     model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
+    elif precision == "int8":  # the training step's frozen products; inference stays fp32
+        from lorafit.int8 import use_int8_products
+
+        use_int8_products(model)
+    top = peak["bf16" if precision == "bf16" else "fp32"]  # int8 against fp32's peak
     train = Split(data["train"]["rows"], data["train"]["labels"])
     train_prof, train_seconds, tokens, cells = profile_training(model, train, precision, args.steps)
     rows = data["test"]["rows"]
@@ -136,10 +142,10 @@ def main() -> None:
         f"1024^2 matmul peak {peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} bf16",
         f"training: {args.steps} packed batches of 8, {tokens} real tokens ({1 - tokens / cells:.1%} padding) in {train_seconds:.2f} s = "
         f"{train_seconds / args.steps * 1000:.0f} ms/step; 4·N·T at {4 * n * tokens / train_seconds / 1e9:,.0f} GFLOP/s "
-        f"({4 * n * tokens / train_seconds / 1e9 / peak[precision]:.0%} of peak) [profiler overhead included]",
+        f"({4 * n * tokens / train_seconds / 1e9 / top:.0%} of peak) [profiler overhead included]",
         f"inference: {len(rows)} messages, {infer_tokens} real tokens in {infer_seconds:.2f} s = "
         f"{len(rows) / infer_seconds:.1f} msg/s; 2·N·T at {2 * n * infer_tokens / infer_seconds / 1e9:,.0f} GFLOP/s "
-        f"({2 * n * infer_tokens / infer_seconds / 1e9 / peak[precision]:.0%} of peak)",
+        f"({2 * n * infer_tokens / infer_seconds / 1e9 / top:.0%} of peak)",
         "",
         "TRAINING STEP (self CPU time)",
         train_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),

@@ -37,6 +37,8 @@ backbone cast to bf16 as `load_classifier` does.
 
   lorafit-epoch       lorafit's defaults for ONE MEASURED EPOCH over all 1,045 training rows from a fresh model
                       (no warm-up: every new batch shape pays its setup, as in a real run).
+  lorafit-int8-epoch  lorafit-epoch with `--precision int8`: the training step's frozen products in int8
+                      (fbgemm; its "% of peak" divides by the fp32 peak); inference in fp32.
   lorafit-bf16, lorafit-fp32  the defaults with the precision forced (`--precision bf16` / `fp32`): what
                       `--precision auto`'s measured choice gains on this CPU.
   hf-peft-bf16        hf-peft-dynamic with its forward passes under bf16 autocast (the peer on the same
@@ -257,6 +259,10 @@ def lorafit_model(job: dict, precision: str, activation_checkpointing: bool, sel
     )
     if precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
+    elif precision == "int8":
+        from lorafit.int8 import use_int8_products
+
+        use_int8_products(model)
     model.backbone.activation_checkpointing = activation_checkpointing
     model.select_last_tokens = select_last_tokens
     return model
@@ -515,6 +521,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "needs": [],
         "run": lambda job: run_lorafit(job, bucketing=True, precision="auto", full_epoch=True),
         "label": "lorafit defaults, one MEASURED epoch of every training row ({precision})",
+    },
+    "lorafit-int8-epoch": {
+        "needs": [],
+        "run": lambda job: run_lorafit(job, bucketing=True, precision="int8", full_epoch=True),
+        "label": "lorafit --precision int8 (frozen products in int8), one MEASURED epoch",
     },
     "lorafit-two-streams": {
         "needs": [],
@@ -798,7 +809,7 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
             infer_ratio = f"{s['inference_messages_per_s'] / reference['inference_messages_per_s']:.2f}x"
         else:
             train_ratio = infer_ratio = "n/a"
-        top = peak[s["precision"]] * 1e9
+        top = peak["bf16" if s["precision"] == "bf16" else "fp32"] * 1e9  # int8: fp32 is its baseline
         train_peak = 4 * n * s["tokens_per_s"] / top
         infer_peak = (
             2 * n * s["inference_messages_per_s"] * s["inference_real_tokens"] / s["inference_messages"] / top

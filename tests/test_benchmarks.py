@@ -271,3 +271,38 @@ def test_serve_goals_name_only_the_rows_a_run_measured() -> None:
     assert serve_bench.goals(only_1, 5.0) == [
         "c=1 p50 20.0 ms vs bare predict 14.0 ms + 5 ms wait: overhead 1.0 ms (goal <= 2)"
     ]
+
+
+def test_int8_linear_is_close_to_torch_but_not_exact_and_the_smoke_run_prints_both_tables(capsys) -> None:
+    import int8_step
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 64)
+    x[:, 3] *= 40  # an outlier feature, as pretrained transformers have
+    x.requires_grad_(True)
+    weight, bias, grad = torch.randn(96, 64) * 0.1, torch.randn(96), torch.randn(40, 96)
+    exact = F.linear(x, weight, bias)
+    (exact_grad,) = torch.autograd.grad(exact, x, grad)
+    errors = {}
+    for variant in int8_step.VARIANTS:
+        with int8_step.routed(variant):
+            out = F.linear(x, weight, bias)
+        (x_grad,) = torch.autograd.grad(out, x, grad)
+        errors[variant] = [
+            ((a - b).norm() / b.norm()).item() for a, b in ((out, exact), (x_grad, exact_grad))
+        ]
+    assert F.linear is int8_step.torch_linear  # put back
+    for variant, (_, backward) in errors.items():
+        assert 1e-4 < backward < 0.05, (variant, errors)  # really int8, and close
+    assert 1e-4 < errors["row-outliers"][0] < errors["row"][0] < errors["tensor"][0], errors
+    threads = torch.get_num_threads()
+    try:
+        int8_step.main(["--smoke", "--length", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert (
+        "| gpt2 | row-outliers |" in out and len([r for r in out.splitlines() if r.startswith("| 0 |")]) == 1
+    ), out

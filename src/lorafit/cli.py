@@ -517,8 +517,10 @@ def _add_training_options(p) -> None:
     g.add_argument("--eval-batch-size", type=int, default=INFERENCE_BATCH_SIZE,
                    help=f"texts per evaluation batch, at most {INFERENCE_MAX_TOKENS:,} tokens "
                         f"(default {INFERENCE_BATCH_SIZE})")  # fmt: skip
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else fp32")  # fmt: skip
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32", "int8"), default="auto",
+                   help="auto (default): bf16 where bf16 products measure >= 1.5x fp32 here (or a bf16 GPU), else "
+                        "fp32; int8: a training step's frozen products in int8 (x86 CPU, fbgemm; everything "
+                        "else fp32, evaluation too), for GPT-2 124M / BERT-base widths on fp32-only CPUs")  # fmt: skip
     g.add_argument("--no-bucketing", action="store_true",
                    help="reference behaviour: shuffled batches padded to --max-length")  # fmt: skip
     g.add_argument("--no-class-mixing", action="store_true",

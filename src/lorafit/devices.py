@@ -84,9 +84,19 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 where bf16 products measure fast on this hardware (`cpu_bf16_verdict`), else fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise LorafitError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    """`auto` → bf16 where bf16 products measure fast on this hardware (`cpu_bf16_verdict`), else fp32.
+    `int8` (training only: int8.py) needs a CPU device and a torch build with fbgemm."""
+    if precision not in ("auto", "bf16", "fp32", "int8"):
+        raise LorafitError(f"--precision must be auto, bf16, fp32 or int8, got {precision!r}")
+    if precision == "int8":
+        from .int8 import int8_available
+
+        if device.type != "cpu":
+            raise LorafitError(f"--precision int8 runs on the CPU only, not on {device}")
+        if not int8_available():
+            raise LorafitError(
+                "--precision int8: this torch build has no fbgemm int8 products (x86 CPUs only)"
+            )
     if precision != "auto":
         return precision
     if device.type == "cuda":

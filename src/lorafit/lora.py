@@ -16,6 +16,7 @@ from torch import nn
 from .config import LORA_TARGET_MODULES, LoRAConfig
 from .devices import to_autocast_dtype
 from .errors import LorafitError
+from .int8 import Int8Linear, int8_linear
 
 
 class LoRALinear(nn.Module):
@@ -184,7 +185,10 @@ def project_shared_input(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> lis
     ):
         return [m(x) for m in linears]
     flat = x.reshape(-1, x.shape[-1])
-    out = F.linear(flat, weight, bias)
+    if isinstance(bases[0], Int8Linear):  # --precision int8: the fused product in int8 too
+        out = int8_linear(flat, weight, bias, bases[0])
+    else:
+        out = F.linear(flat, weight, bias)
     sizes = [b.out_features for b in bases]
     adapters = [(i, m) for i, m in enumerate(linears) if isinstance(m, LoRALinear) and not m.merged]
     if adapters:

@@ -50,6 +50,7 @@ from .devices import (
     resolve_precision,
 )
 from .errors import LorafitError
+from .int8 import use_int8_products
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .metrics import describe_unseen, format_report, metrics_from_logits, unseen_accuracy
@@ -391,6 +392,8 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
     setup.log(format_parameter_report(setup.report))
     if setup.precision == "bf16":
         cast_frozen_weights(model, torch.bfloat16)
+    elif setup.precision == "int8":
+        use_int8_products(model)
     config = setup.train
     batching = f"random, padded to {data.max_length} (--no-bucketing)"
     if config.bucketing:
@@ -404,6 +407,8 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
     why = ""
     if config.precision == "auto" and setup.precision == "fp32" and setup.device.type == "cpu":
         why = f" ({cpu_bf16_verdict()[1]})"
+    elif setup.precision == "int8":
+        why = " (a training step's frozen products; the rest and evaluation in fp32)"
     weights = (
         f" | class weights: {', '.join(f'{n} {w:.3g}' for n, w in zip(data.names, config.class_weights))}"
         if config.class_weights
@@ -661,6 +666,10 @@ def load_classifier(run_dir: str | os.PathLike, device: str = "auto", precision:
     start, keeping the end)."""
     if truncation_direction not in ("right", "left"):
         raise LorafitError(f"truncation direction must be right or left, got {truncation_direction!r}")
+    if precision == "int8":
+        raise LorafitError(
+            "precision int8 is for training (lorafit train --precision int8); predict in auto, bf16 or fp32"
+        )
     cap_kernel_cache()
     config = read_run_config(run_dir)
     spec = ModelSpec.from_dict(config["model"])

@@ -38,13 +38,16 @@ INFERENCE_WIDTH_MULTIPLE = 16
 # RSS of 1,400 / 1,260 / 1,180 MiB (as wide as the longest text: 14.5 % padding). fp32 products on a CPU
 # (MKL) have no per-shape kernels to build, so fp32 packs rows of any width: 1.9 % padding, 90 shapes.
 TRAIN_WIDTH_MULTIPLE = 16
+# Precisions whose products build nothing per shape: fp32 (MKL), and int8 (fbgemm packs each call's input;
+# its evaluation runs in fp32).
+FP32_PRODUCTS = ("fp32", "int8")
 
 
 def train_width_multiple(config: TrainConfig, precision: str) -> int | None:
     """The multiple packed training rows are rounded up to (see above); None: as wide as the longest text."""
     if config.packed_width == "longest":
         return None
-    return 1 if config.packed_width == "fit" and precision == "fp32" else TRAIN_WIDTH_MULTIPLE
+    return 1 if config.packed_width == "fit" and precision in FP32_PRODUCTS else TRAIN_WIDTH_MULTIPLE
 
 
 def seed_everything(seed: int) -> None:
@@ -77,7 +80,7 @@ def predict_logits(
     threads (default `--streams`, `streams.stream_count`) each score an even share of the rows in their
     own batches."""
     if width_multiple is None:
-        width_multiple = 1 if precision == "fp32" else INFERENCE_WIDTH_MULTIPLE
+        width_multiple = 1 if precision in FP32_PRODUCTS else INFERENCE_WIDTH_MULTIPLE
     was_training = model.training
     # `eval()` walks every module (about 4 ms a batch in a server, py-spy): only when it changes something.
     if was_training:
