@@ -15,6 +15,7 @@ from conftest import synthetic_sms, without_wall_time
 from safetensors.torch import load_file
 
 from lorafit.cli import main
+from lorafit.int8 import int8_available
 
 
 def train_command(model_dir, data, out, *extra):
@@ -31,17 +32,21 @@ def bigger_sms_file(tmp_path):
     return path  # 112 training rows: 28 batches of 4 per epoch
 
 
-def test_killed_run_resumes_to_the_same_adapter(tiny_gpt2_dir, bigger_sms_file, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_killed_run_resumes_to_the_same_adapter(tiny_gpt2_dir, bigger_sms_file, tmp_path, precision):
+    if precision == "int8" and not int8_available():
+        pytest.skip("this torch build has no fbgemm (x86 only)")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "reference"
     done = subprocess.run(
-        train_command(tiny_gpt2_dir, bigger_sms_file, reference), capture_output=True, text=True, env=env
-    )
+        train_command(tiny_gpt2_dir, bigger_sms_file, reference, "--precision", precision),
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        train_command(tiny_gpt2_dir, bigger_sms_file, interrupted),
+        train_command(tiny_gpt2_dir, bigger_sms_file, interrupted, "--precision", precision),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     for line in process.stdout:
