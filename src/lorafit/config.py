@@ -170,7 +170,7 @@ class TrainConfig:
     # Texts per inference batch (at most INFERENCE_MAX_TOKENS tokens): 64 ran 15-20 % faster than 32
     # (GPT-2 124M, bf16, AMX Xeon), 300 6.5 % faster than 64 (fp32 EPYC; see INFERENCE_BATCH_SIZE).
     eval_batch_size: int = INFERENCE_BATCH_SIZE
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 | int8 (training only: int8.py)
     bucketing: bool = True  # False: the reference behaviour, random batches padded to the max length
     bucket_batches: int = 32  # length-sort windows of this many batches (1: random batches, own padding)
     # Lay each batch out packed: its texts end to end in rows, not one padded row per text. Same batches,
