@@ -29,29 +29,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorafit import int8
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch_linear = F.linear
 VARIANTS = ("tensor", "row", "row-outliers")
 _variant = "row"
-_packed: dict[tuple, tuple] = {}
-_owner = torch.nn.Module()  # holds `--precision int8`'s int8 copies
-
-
-def packed_pair(weight: torch.Tensor) -> tuple:
-    """(int8 W, int8 Wᵀ) for a frozen weight, packed once per process."""
-    from lorafit.int8 import pack_int8
-
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
-    if key not in _packed:
-        w = weight.detach().contiguous()
-        _packed[key] = (pack_int8(w), pack_int8(w.T.contiguous()))
-    return _packed[key]
+_owner = torch.nn.Module()  # holds the int8 copies (lorafit's cache, `int8.int8_copies`)
 
 
 def int8_product(x: torch.Tensor, packed) -> torch.Tensor:
     """`x @ Wᵀ` with x quantised to 7 bits (fbgemm's AVX2 range) per tensor or, scaled first, per row."""
-    from lorafit import int8
-
     if _variant == "tensor":
         return torch.ops.quantized.linear_dynamic(x, packed, True)
     return int8.int8_product(x, packed)
@@ -62,7 +50,7 @@ class Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        packed, ctx.packed_t = packed_pair(weight)
+        packed, ctx.packed_t = int8.int8_copies(_owner, weight)
         return int8_product(x, packed)
 
     @staticmethod
@@ -74,9 +62,7 @@ def int8_linear(x, weight, bias=None):
     if weight.requires_grad or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return torch_linear(x, weight, bias)
     if _variant == "row-outliers" and torch.is_grad_enabled():
-        from lorafit.int8 import int8_linear as lorafit_int8_linear
-
-        return lorafit_int8_linear(x, weight, bias, _owner)  # exactly `--precision int8`
+        return int8.int8_linear(x, weight, bias, _owner)  # exactly `--precision int8`
     flat = x.reshape(-1, x.shape[-1])
     out = Int8Linear.apply(flat, weight)
     if bias is not None:

@@ -110,7 +110,7 @@ def main() -> None:
 
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig
-    from lorafit.devices import cast_frozen_weights, cpu_bf16_verdict, resolve_precision
+    from lorafit.devices import cpu_bf16_verdict, prepare_frozen_weights, resolve_precision
     from lorafit.io import write_text_atomic
     from lorafit.models.attention import set_kernel
     from lorafit.train import Split
@@ -124,13 +124,8 @@ def main() -> None:
     data = speed.prepare_data(args.data, smoke=False)
     spec = resolve_model("gpt2", "random")
     model, _ = build_classifier(spec, 2, "last", LoRAConfig(rank=8, alpha=16), seed=123, device=device)
-    if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
-    elif precision == "int8":  # the training step's frozen products; inference stays fp32
-        from lorafit.int8 import use_int8_products
-
-        use_int8_products(model)
-    top = peak["bf16" if precision == "bf16" else "fp32"]  # int8 against fp32's peak
+    prepare_frozen_weights(model, precision)  # int8: the training step's products; inference stays fp32
+    top = speed.peak_of(peak, precision)
     train = Split(data["train"]["rows"], data["train"]["labels"])
     train_prof, train_seconds, tokens, cells = profile_training(model, train, precision, args.steps)
     rows = data["test"]["rows"]

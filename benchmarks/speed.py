@@ -243,26 +243,21 @@ def run_reference(job: dict) -> dict:
 
 def lorafit_model(job: dict, precision: str, activation_checkpointing: bool, select_last_tokens: bool) -> Any:
     """GPT-2 of the job's shape, random weights, LoRA r8 on every block linear, a two-class head that pools
-    the last token; frozen weights in bf16 where `precision` is bf16, as `lorafit train` stores them."""
+    the last token; frozen weights as `lorafit train` prepares them (bf16: stored in bf16; int8: int8 products)."""
     import dataclasses
 
     import torch
 
     from lorafit.classifier import build_classifier, resolve_model
     from lorafit.config import LoRAConfig
-    from lorafit.devices import cast_frozen_weights
+    from lorafit.devices import prepare_frozen_weights
 
     spec = resolve_model("gpt2", "random")
     spec.config = dataclasses.replace(spec.config, **job["model"])
     model, _ = build_classifier(
         spec, 2, "last", LoRAConfig(rank=RANK, alpha=ALPHA), seed=DATA_SEED, device=torch.device("cpu")
     )
-    if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
-    elif precision == "int8":
-        from lorafit.int8 import use_int8_products
-
-        use_int8_products(model)
+    prepare_frozen_weights(model, precision)
     model.backbone.activation_checkpointing = activation_checkpointing
     model.select_last_tokens = select_last_tokens
     return model
@@ -739,6 +734,12 @@ MEDIAN_KEYS = (
 )
 
 
+def peak_of(peak: dict[str, float], precision: str) -> float:
+    """The 1024² matmul rate a row in `precision` is measured against: int8 rows against fp32's (the
+    precision they replace; their inference runs in fp32)."""
+    return peak["bf16" if precision == "bf16" else "fp32"]
+
+
 def matmul_peak(
     threads: int, budget_s: float = 2.0, dtypes: tuple[str, ...] = ("fp32", "bf16")
 ) -> dict[str, float]:
@@ -809,7 +810,7 @@ def markdown_table(summaries: dict[str, dict], labels: dict[str, str], epoch_bat
             infer_ratio = f"{s['inference_messages_per_s'] / reference['inference_messages_per_s']:.2f}x"
         else:
             train_ratio = infer_ratio = "n/a"
-        top = peak["bf16" if s["precision"] == "bf16" else "fp32"] * 1e9  # int8: fp32 is its baseline
+        top = peak_of(peak, s["precision"]) * 1e9
         train_peak = 4 * n * s["tokens_per_s"] / top
         infer_peak = (
             2 * n * s["inference_messages_per_s"] * s["inference_real_tokens"] / s["inference_messages"] / top

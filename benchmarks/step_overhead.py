@@ -109,7 +109,7 @@ def main() -> None:
     import torch
 
     from lorafit.allocator import active_allocator
-    from lorafit.devices import cast_frozen_weights, resolve_precision
+    from lorafit.devices import prepare_frozen_weights, resolve_precision
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,8 +133,7 @@ def main() -> None:
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
     spec, model = gpt2_lora(args.smoke)
-    if precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
+    prepare_frozen_weights(model, precision)
     if args.without_adapters:
         bypass_adapters(model)
     config, optimizer = lab_training(model)  # after the bypass: it decides what trains

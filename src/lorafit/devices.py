@@ -153,6 +153,17 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> None:
     fuse_shared_input_weights(model)  # the cast gave every weight its own storage again
 
 
+def prepare_frozen_weights(model: nn.Module, precision: str) -> None:
+    """The frozen weights as a training run in `precision` uses them: bf16 stored in bf16
+    (`cast_frozen_weights`); int8 given int8 products (`int8.use_int8_products`); fp32 as they are."""
+    if precision == "bf16":
+        cast_frozen_weights(model, torch.bfloat16)
+    elif precision == "int8":
+        from .int8 import use_int8_products
+
+        use_int8_products(model)
+
+
 def cast_for_inference(model: nn.Module) -> None:
     """Store a classifier's whole backbone in bf16 (LayerNorms, position tables, an unmerged adapter too) so
     that inference runs without autocast: no cast of the activations before every product, a bf16 residual

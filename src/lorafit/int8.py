@@ -39,7 +39,7 @@ def pack_int8(weight: torch.Tensor):
     return torch.ops.quantized.linear_prepack(quantized, None)
 
 
-def _packs(owner: nn.Module, weight: torch.Tensor) -> tuple:
+def int8_copies(owner: nn.Module, weight: torch.Tensor) -> tuple:
     """(int8 W, int8 Wᵀ) for `weight` (the module's own, or a fused view over several), packed on first use
     and again when the weight changed in place (`weight._version`: a LoRA merge)."""
     cache = owner.__dict__.setdefault("_int8_packs", {})
@@ -52,10 +52,12 @@ def _packs(owner: nn.Module, weight: torch.Tensor) -> tuple:
     return entry[1:]
 
 
-def int8_product(x: torch.Tensor, packed) -> torch.Tensor:
+def int8_product(x: torch.Tensor, packed, magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """`x · Wᵀ` in int8, each row of x scaled to a maximum of 1 first so fbgemm's per-tensor quantisation
-    acts per row (a row of small gradients is not rounded to zero by another row's large ones)."""
-    scale = x.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    acts per row (a row of small gradients is not rounded to zero by another row's large ones).
+    `magnitude`: `x.abs()` where the caller has it already."""
+    magnitude = x.abs() if magnitude is None else magnitude
+    scale = magnitude.amax(1, keepdim=True).clamp_min(1e-30)
     return torch.ops.quantized.linear_dynamic(x / scale, packed, True).mul_(scale)
 
 
@@ -65,10 +67,11 @@ class _Int8Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, packed, packed_t):
         ctx.packed_t = packed_t
-        columns = (x.abs().amax(0) > OUTLIER_THRESHOLD).nonzero().flatten()
+        magnitude = x.abs()  # one pass for the outlier columns and the rows' scales
+        columns = (magnitude.amax(0) > OUTLIER_THRESHOLD).nonzero().flatten()
         if len(columns) == 0:
-            return int8_product(x, packed)
-        inliers = int8_product(x.index_fill(1, columns, 0.0), packed)
+            return int8_product(x, packed, magnitude)
+        inliers = int8_product(x.index_fill(1, columns, 0.0), packed, magnitude.index_fill(1, columns, 0.0))
         return inliers.addmm_(x[:, columns], weight[:, columns].T)
 
     @staticmethod
@@ -85,13 +88,13 @@ def int8_linear(
         not torch.is_grad_enabled()
         or weight.requires_grad
         or x.dtype != torch.float32
+        or weight.dtype != torch.float32
         or x.device.type != "cpu"
+        or x.numel() == 0
     ):
         return F.linear(x, weight, bias)
-    if weight.dtype != torch.float32 or x.numel() == 0:
-        return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
-    out = _Int8Product.apply(flat, weight, *_packs(owner, weight))
+    out = _Int8Product.apply(flat, weight, *int8_copies(owner, weight))
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -44,13 +44,12 @@ from .data import Splits, TextDataset, check_files, label_names, load_dataset, l
 from .devices import (
     cap_kernel_cache,
     cast_for_inference,
-    cast_frozen_weights,
     cpu_bf16_verdict,
+    prepare_frozen_weights,
     resolve_device,
     resolve_precision,
 )
 from .errors import LorafitError
-from .int8 import use_int8_products
 from .io import atomic_path, read_json, write_json_atomic
 from .lora import count_parameters, merge_lora
 from .metrics import describe_unseen, format_report, metrics_from_logits, unseen_accuracy
@@ -390,10 +389,7 @@ def build_model(options: RunOptions, setup: RunSetup, data: RunData) -> Sequence
     seed_everything(setup.train.seed)
     setup.report = {"before_head": before_head.as_dict(), "after_head": count_parameters(model).as_dict()}
     setup.log(format_parameter_report(setup.report))
-    if setup.precision == "bf16":
-        cast_frozen_weights(model, torch.bfloat16)
-    elif setup.precision == "int8":
-        use_int8_products(model)
+    prepare_frozen_weights(model, setup.precision)
     config = setup.train
     batching = f"random, padded to {data.max_length} (--no-bucketing)"
     if config.bucketing:
